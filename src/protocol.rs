@@ -1,0 +1,463 @@
+//! The producer protocol: one JSON request object per line, one JSON response line per request.
+//! This module owns parsing and validation of requests and the wire form of responses; it does
+//! no I/O (`ingest` moves bytes, `queue` stores edits).
+//!
+//! Every field is first read as raw JSON and then checked by hand, so an error names the field
+//! and says what was expected (serde's own messages only give a column).
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// Longest `message_id` accepted, in bytes.
+pub const MAX_MESSAGE_ID_BYTES: usize = 256;
+/// Longest `account_id`, `robot_jid` or `user_jid` accepted, in bytes.
+pub const MAX_ID_BYTES: usize = 1024;
+
+/// A parsed, validated request.
+#[derive(Debug)]
+pub enum Request {
+    Edit(Edit),
+    Ping,
+    Stats,
+    DeadList { limit: Option<usize> },
+    DeadRetry(Selector),
+    DeadPurge(Selector),
+}
+
+/// Which dead letters an operator command applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    One(u64),
+    All,
+}
+
+/// One edit of a chat-bot message, as a producer sent it.
+#[derive(Debug, Clone)]
+pub struct Edit {
+    pub message_id: String,
+    pub account_id: String,
+    pub robot_jid: String,
+    pub user_jid: Option<String>,
+    pub is_markdown_support: Option<bool>,
+    /// A non-empty JSON object, kept as the producer's text.
+    pub content: Box<RawValue>,
+}
+
+impl Edit {
+    /// The JSON body of Zoom's "Edit a chatbot message" call for this edit.
+    pub fn zoom_body(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            robot_jid: &'a str,
+            account_id: &'a str,
+            content: &'a RawValue,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            user_jid: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            is_markdown_support: Option<bool>,
+        }
+        serde_json::to_vec(&Body {
+            robot_jid: &self.robot_jid,
+            account_id: &self.account_id,
+            content: &self.content,
+            user_jid: self.user_jid.as_deref(),
+            is_markdown_support: self.is_markdown_support,
+        })
+        .expect("serializing strings and raw JSON cannot fail")
+    }
+}
+
+/// Error codes of the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    TooLarge,
+    QueueFull,
+    Unavailable,
+    NotFound,
+    Internal,
+}
+
+/// Every error code, for metrics that list them all from the start.
+pub const ALL_ERROR_CODES: [ErrorCode; 6] = [
+    ErrorCode::BadRequest,
+    ErrorCode::TooLarge,
+    ErrorCode::QueueFull,
+    ErrorCode::Unavailable,
+    ErrorCode::NotFound,
+    ErrorCode::Internal,
+];
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::QueueFull => "queue_full",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// An error answer: `{"ok":false,"error":CODE,"message":TEXT}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ProtocolError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ProtocolError {
+        ProtocolError {
+            code,
+            message: message.into(),
+        }
+    }
+    fn bad(message: impl Into<String>) -> ProtocolError {
+        ProtocolError::new(ErrorCode::BadRequest, message)
+    }
+
+    /// The response line, without the trailing newline.
+    pub fn to_line(&self) -> String {
+        #[derive(Serialize)]
+        struct Wire<'a> {
+            ok: bool,
+            error: ErrorCode,
+            message: &'a str,
+        }
+        serde_json::to_string(&Wire {
+            ok: false,
+            error: self.code,
+            message: &self.message,
+        })
+        .expect("serializing a string cannot fail")
+    }
+}
+
+impl std::fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code.as_str(), self.message)
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+/// The success answer to an edit.
+pub fn edit_ok_line(job_id: u64, coalesced: bool) -> String {
+    format!("{{\"ok\":true,\"job_id\":\"{job_id}\",\"coalesced\":{coalesced}}}")
+}
+
+/// Every field any request may carry, each still raw JSON.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRequest<'a> {
+    #[serde(borrow)]
+    op: Option<&'a RawValue>,
+    #[serde(borrow)]
+    message_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    account_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    robot_jid: Option<&'a RawValue>,
+    #[serde(borrow)]
+    user_jid: Option<&'a RawValue>,
+    #[serde(borrow)]
+    is_markdown_support: Option<&'a RawValue>,
+    #[serde(borrow)]
+    content: Option<&'a RawValue>,
+    #[serde(borrow)]
+    job_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    all: Option<&'a RawValue>,
+    #[serde(borrow)]
+    limit: Option<&'a RawValue>,
+}
+
+/// Parses and validates one request line (without its newline).
+pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
+    let text = std::str::from_utf8(line).map_err(|e| {
+        ProtocolError::bad(format!(
+            "request is not valid UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ))
+    })?;
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    if text.trim().is_empty() {
+        return Err(ProtocolError::bad("empty line: expected a JSON object"));
+    }
+    let raw: RawRequest<'_> = serde_json::from_str(text).map_err(|e| {
+        let what = if e.is_data() {
+            // deny_unknown_fields and "expected struct" errors.
+            e.to_string()
+        } else {
+            format!("invalid JSON: {e}")
+        };
+        ProtocolError::bad(what)
+    })?;
+    let op: String = required_string(raw.op, "op")?;
+    let only = |allowed: &[&str]| -> Result<(), ProtocolError> {
+        let present = [
+            ("message_id", raw.message_id.is_some()),
+            ("account_id", raw.account_id.is_some()),
+            ("robot_jid", raw.robot_jid.is_some()),
+            ("user_jid", raw.user_jid.is_some()),
+            ("is_markdown_support", raw.is_markdown_support.is_some()),
+            ("content", raw.content.is_some()),
+            ("job_id", raw.job_id.is_some()),
+            ("all", raw.all.is_some()),
+            ("limit", raw.limit.is_some()),
+        ];
+        match present
+            .iter()
+            .find(|(name, is_present)| *is_present && !allowed.contains(name))
+        {
+            Some((name, _)) => Err(ProtocolError::bad(format!(
+                "field `{name}` is not allowed in op \"{op}\""
+            ))),
+            None => Ok(()),
+        }
+    };
+    match op.as_str() {
+        "edit" => {
+            only(&[
+                "message_id",
+                "account_id",
+                "robot_jid",
+                "user_jid",
+                "is_markdown_support",
+                "content",
+            ])?;
+            let message_id = identifier(raw.message_id, "message_id", MAX_MESSAGE_ID_BYTES)?;
+            let account_id = identifier(raw.account_id, "account_id", MAX_ID_BYTES)?;
+            let robot_jid = identifier(raw.robot_jid, "robot_jid", MAX_ID_BYTES)?;
+            let user_jid = match optional(raw.user_jid) {
+                Some(value) => Some(identifier(Some(value), "user_jid", MAX_ID_BYTES)?),
+                None => None,
+            };
+            let is_markdown_support = match optional(raw.is_markdown_support) {
+                Some(value) => Some(serde_json::from_str::<bool>(value.get()).map_err(|_| {
+                    ProtocolError::bad(format!(
+                        "field `is_markdown_support`: expected true or false, got {}",
+                        excerpt(value)
+                    ))
+                })?),
+                None => None,
+            };
+            let content = content(raw.content)?;
+            Ok(Request::Edit(Edit {
+                message_id,
+                account_id,
+                robot_jid,
+                user_jid,
+                is_markdown_support,
+                content,
+            }))
+        }
+        "ping" => only(&[]).map(|()| Request::Ping),
+        "stats" => only(&[]).map(|()| Request::Stats),
+        "dead_list" => {
+            only(&["limit"])?;
+            let limit = match optional(raw.limit) {
+                Some(value) => Some(serde_json::from_str::<usize>(value.get()).map_err(|_| {
+                    ProtocolError::bad(format!(
+                        "field `limit`: expected a non-negative integer, got {}",
+                        excerpt(value)
+                    ))
+                })?),
+                None => None,
+            };
+            Ok(Request::DeadList { limit })
+        }
+        "dead_retry" | "dead_purge" => {
+            only(&["job_id", "all"])?;
+            let selector = selector(raw.job_id, raw.all)?;
+            Ok(if op == "dead_retry" {
+                Request::DeadRetry(selector)
+            } else {
+                Request::DeadPurge(selector)
+            })
+        }
+        other => Err(ProtocolError::bad(format!(
+            "field `op`: unknown operation {other:?}; expected one of \"edit\", \"ping\", \"stats\", \
+             \"dead_list\", \"dead_retry\", \"dead_purge\""
+        ))),
+    }
+}
+
+/// Parses a job id as printed in answers (a decimal number in a string).
+pub fn parse_job_id(text: &str) -> Option<u64> {
+    text.parse::<u64>().ok()
+}
+
+fn optional(value: Option<&RawValue>) -> Option<&RawValue> {
+    value.filter(|v| v.get() != "null")
+}
+
+fn excerpt(value: &RawValue) -> String {
+    let text = value.get();
+    if text.len() <= 40 {
+        text.to_string()
+    } else {
+        let mut end = 40;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}…", &text[..end])
+    }
+}
+
+fn required_string(value: Option<&RawValue>, field: &str) -> Result<String, ProtocolError> {
+    let value = optional(value)
+        .ok_or_else(|| ProtocolError::bad(format!("field `{field}` is missing")))?;
+    serde_json::from_str::<String>(value.get()).map_err(|_| {
+        ProtocolError::bad(format!(
+            "field `{field}`: expected a string, got {}",
+            excerpt(value)
+        ))
+    })
+}
+
+fn identifier(
+    value: Option<&RawValue>,
+    field: &str,
+    max_bytes: usize,
+) -> Result<String, ProtocolError> {
+    let text = required_string(value, field)?;
+    if text.is_empty() {
+        return Err(ProtocolError::bad(format!(
+            "field `{field}`: expected a non-empty string"
+        )));
+    }
+    if text.len() > max_bytes {
+        return Err(ProtocolError::bad(format!(
+            "field `{field}`: {} bytes long, at most {max_bytes} allowed",
+            text.len()
+        )));
+    }
+    if let Some(c) = text.chars().find(|c| c.is_control()) {
+        return Err(ProtocolError::bad(format!(
+            "field `{field}`: contains the control character U+{:04X}",
+            u32::from(c)
+        )));
+    }
+    Ok(text)
+}
+
+fn content(value: Option<&RawValue>) -> Result<Box<RawValue>, ProtocolError> {
+    let value = optional(value)
+        .ok_or_else(|| ProtocolError::bad("field `content` is missing"))?;
+    let text = value.get();
+    // RawValue is already valid JSON with no surrounding whitespace, so an object starts
+    // with `{` and is empty exactly when only whitespace stands before its `}`.
+    let is_object = text.starts_with('{');
+    let is_empty = text[1..].trim_start().starts_with('}');
+    if !is_object {
+        return Err(ProtocolError::bad(format!(
+            "field `content`: expected a JSON object (Zoom's message template), got {}",
+            excerpt(value)
+        )));
+    }
+    if is_empty {
+        return Err(ProtocolError::bad(
+            "field `content`: the object is empty; Zoom rejects empty messages",
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+fn selector(job_id: Option<&RawValue>, all: Option<&RawValue>) -> Result<Selector, ProtocolError> {
+    let all = match optional(all) {
+        Some(value) => serde_json::from_str::<bool>(value.get()).map_err(|_| {
+            ProtocolError::bad(format!(
+                "field `all`: expected true or false, got {}",
+                excerpt(value)
+            ))
+        })?,
+        None => false,
+    };
+    match (optional(job_id), all) {
+        (Some(_), true) => Err(ProtocolError::bad(
+            "give either `job_id` or `all`: true, not both",
+        )),
+        (None, true) => Ok(Selector::All),
+        (None, false) => Err(ProtocolError::bad(
+            "field `job_id` is missing (or set `all`: true)",
+        )),
+        (Some(value), false) => {
+            let text = required_string(Some(value), "job_id")?;
+            parse_job_id(&text).map(Selector::One).ok_or_else(|| {
+                ProtocolError::bad(format!(
+                    "field `job_id`: expected a job id such as \"42\", got {text:?}"
+                ))
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(line: &str) -> String {
+        match parse_request(line.as_bytes()) {
+            Ok(r) => panic!("accepted {line}: {r:?}"),
+            Err(e) => {
+                assert_eq!(e.code, ErrorCode::BadRequest);
+                e.message
+            }
+        }
+    }
+
+    const GOOD: &str = r#"{"op":"edit","message_id":"m1","account_id":"a1","robot_jid":"r@xmpp.zoom.us","content":{"head":{"text":"hi"}}}"#;
+
+    #[test]
+    fn accepts_a_good_edit_and_builds_zooms_body() {
+        let Request::Edit(edit) = parse_request(GOOD.as_bytes()).unwrap() else {
+            panic!("not an edit")
+        };
+        assert_eq!(edit.message_id, "m1");
+        let body: serde_json::Value = serde_json::from_slice(&edit.zoom_body()).unwrap();
+        assert_eq!(body["content"]["head"]["text"], "hi");
+        assert_eq!(body["account_id"], "a1");
+        assert!(body.get("user_jid").is_none());
+    }
+
+    #[test]
+    fn names_the_field_at_fault() {
+        assert!(err(&GOOD.replace("\"m1\"", "5")).contains("`message_id`: expected a string"));
+        assert!(err(&GOOD.replace("\"m1\"", "\"\"")).contains("`message_id`: expected a non-empty"));
+        assert!(err(&GOOD.replace("\"m1\"", "\"a\\u0007b\"")).contains("control character U+0007"));
+        let long = format!("\"{}\"", "x".repeat(257));
+        assert!(err(&GOOD.replace("\"m1\"", &long)).contains("at most 256"));
+        assert!(err(&GOOD.replace(r#"{"head":{"text":"hi"}}"#, "{ }")).contains("empty"));
+        assert!(err(&GOOD.replace(r#"{"head":{"text":"hi"}}"#, "[1]")).contains("JSON object"));
+        assert!(err(&GOOD.replace(",\"account_id\":\"a1\"", "")).contains("`account_id` is missing"));
+        assert!(err(&GOOD.replace("}}}", "}},\"colour\":1}")).contains("unknown field `colour`"));
+        assert!(err(r#"{"op":"fly"}"#).contains("unknown operation"));
+        assert!(err(r#"{"op":"ping","message_id":"x"}"#).contains("not allowed"));
+        assert!(err("{\"op\":").contains("invalid JSON"));
+        assert!(err("[]").contains("expected struct") || err("[]").contains("invalid type"));
+    }
+
+    #[test]
+    fn rejects_invalid_utf8() {
+        let e = parse_request(b"{\"op\":\"ping\xff\"}").unwrap_err();
+        assert!(e.message.contains("UTF-8"), "{}", e.message);
+    }
+
+    #[test]
+    fn dead_letter_selectors() {
+        assert!(matches!(
+            parse_request(br#"{"op":"dead_retry","job_id":"7"}"#).unwrap(),
+            Request::DeadRetry(Selector::One(7))
+        ));
+        assert!(matches!(
+            parse_request(br#"{"op":"dead_purge","all":true}"#).unwrap(),
+            Request::DeadPurge(Selector::All)
+        ));
+        assert!(err(r#"{"op":"dead_purge"}"#).contains("job_id"));
+    }
+}

@@ -1,0 +1,697 @@
+//! The durable, coalescing edit queue: the only module that touches sled.
+//!
+//! # Design constraints
+//! - **Ack only what is durable.** [`Queue::enqueue`] returns only after the edit's write is
+//!   flushed and fsynced ([`store`] explains why sled's own flush is not enough).
+//! - **Group commit.** Every change (enqueue, claim result, dead letter) appends its writes to
+//!   one shared batch under the queue's lock, and a single writer thread commits whatever has
+//!   accumulated as one atomic sled batch with one flush. Concurrent producers therefore share
+//!   fsyncs, and writes reach disk in the order the in-memory index changed.
+//! - **Coalesce against pending, never in flight.** A message has at most one pending job; a
+//!   new edit replaces its content in place (same job id, same place in line). An edit arriving
+//!   while the message's previous job is in flight becomes a new pending job that is only
+//!   claimable once the in-flight one finishes (see [`state`]).
+//! - **Memory is bounded by the index, not the content.** The in-memory index holds ids and
+//!   times only; bodies stay on disk until a worker claims them. sled's cache is set explicitly.
+//! - **Counters, not scans.** Pending, in-flight and dead counts are kept as the index changes.
+//!
+//! # Restart
+//! Every job with a header on disk is pending after a restart, including those that were in
+//! flight when the process died. If a message has two (an in-flight one and a newer pending
+//! one), the newer wins and the older is deleted: only the latest content matters.
+//!
+//! # Storage failure
+//! A failed commit keeps its writes and retries them every second; its waiters get
+//! `unavailable`. While a commit is failing, new edits are refused with `unavailable` and
+//! nothing already accepted is lost. The in-memory index keeps the refused batch's changes,
+//! so an edit answered `unavailable` may still be delivered; producers simply retry it.
+
+mod state;
+mod store;
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Metrics;
+use crate::protocol::{Edit, Selector};
+pub use state::State;
+use store::{key, put_content, put_json, put_next_seq, Committer, Op, Store, CONTENT, DEAD, JOB};
+pub use store::{DeadRecord, JobHeader, StoreError};
+
+/// Milliseconds since the Unix epoch: the clock of every time stored on disk.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How an enqueue was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enqueued {
+    pub job_id: u64,
+    pub coalesced: bool,
+}
+
+/// Why an enqueue was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnqueueError {
+    #[error("the queue holds {0} pending edits, its limit (storage.max_pending); try again later")]
+    Full(u64),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// A job claimed by a worker, with everything needed to send it.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub seq: u64,
+    pub header: JobHeader,
+    /// When the content being sent was acknowledged (unix ms).
+    pub updated_ms: u64,
+    /// Zoom's request body.
+    pub body: Vec<u8>,
+    /// Whether the account still had ready work after this claim.
+    pub more: bool,
+}
+
+/// Why a job went to the dead letters.
+#[derive(Debug, Clone)]
+pub struct DeadInfo {
+    pub reason: &'static str,
+    pub status: Option<u16>,
+    pub zoom_code: Option<i64>,
+    pub detail: String,
+}
+
+/// Result of an operator's dead-letter command.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct DeadOutcome {
+    /// Dead letters put back in the queue (retry) or deleted (purge).
+    pub affected: u64,
+    /// Dead letters dropped by a retry because a newer edit of the message is pending.
+    pub superseded: u64,
+}
+
+/// Queue figures, all read from counters.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct QueueStats {
+    pub pending: u64,
+    pub in_flight: u64,
+    pub dead: u64,
+    pub accounts: u64,
+    pub storage_error: Option<String>,
+}
+
+/// A waiter's view of its commit: `Err` carries the storage error text.
+pub type Commit = oneshot::Receiver<Result<(), String>>;
+
+/// The queue. Cheap to clone; all clones share one index and one writer thread.
+#[derive(Clone)]
+pub struct Queue {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    core: Mutex<Core>,
+    /// Signals the writer thread that `core.batch` has writes, or that the queue is closing.
+    writer_wake: Condvar,
+    /// Signals `close` that the writer thread has committed everything and stopped.
+    writer_done: Condvar,
+    store: Store,
+    max_pending: u64,
+    metrics: Arc<Metrics>,
+    /// Accounts that just got ready work, for the dispatcher.
+    ready_tx: mpsc::UnboundedSender<Arc<str>>,
+    /// Woken when the earliest retry time may have moved earlier.
+    timer_changed: tokio::sync::Notify,
+    /// Serializes operator commands on the dead letters: each reads sled, so it must see the
+    /// previous one's writes committed.
+    dead_ops: tokio::sync::Mutex<()>,
+}
+
+struct Core {
+    state: State,
+    dead: u64,
+    /// Writes not yet committed, in the order the index changed.
+    batch: Vec<Op>,
+    /// Whoever waits for the writes in `batch` to be durable.
+    waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    /// The last commit's error, while commits are failing.
+    failure: Option<String>,
+    closing: bool,
+    writer_stopped: bool,
+}
+
+/// What recovery found on disk.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Recovery {
+    pub pending: u64,
+    pub dead: u64,
+    /// Older jobs of a message that also had a newer one (in flight at the crash).
+    pub superseded: u64,
+    pub elapsed: Duration,
+}
+
+impl Queue {
+    /// Opens (or creates) the database, rebuilds the index and starts the writer thread.
+    /// Returns the queue and the receiver of ready-account announcements for the dispatcher.
+    pub fn open(
+        config: &crate::config::StorageConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Queue, mpsc::UnboundedReceiver<Arc<str>>, Recovery), StoreError> {
+        let started = Instant::now();
+        let (store, committer) = Store::open(&config.path, config.cache_capacity)?;
+        let now = now_ms();
+        let mut state = State::new(store.next_seq()?);
+        let mut stale = Vec::new();
+        let mut announced = Vec::new();
+        for item in store.headers() {
+            let (seq, header) = item?;
+            let (superseded, announce) = state.restore(
+                &header.message_id,
+                &header.account_id,
+                seq,
+                header.next_attempt_ms,
+                now,
+            );
+            stale.extend(superseded);
+            announced.extend(announce);
+        }
+        let dead = store.count_dead()?;
+        let recovery = Recovery {
+            pending: state.pending(),
+            dead,
+            superseded: stale.len() as u64,
+            elapsed: started.elapsed(),
+        };
+        let mut batch = Vec::new();
+        for seq in &stale {
+            batch.push(Op::Del(key(JOB, *seq)));
+            batch.push(Op::Del(key(CONTENT, *seq)));
+        }
+        metrics.edits_superseded.inc_by(stale.len() as u64);
+        let (ready_tx, ready_rx) = mpsc::unbounded_channel();
+        for account in announced {
+            let _ = ready_tx.send(account);
+        }
+        let shared = Arc::new(Shared {
+            core: Mutex::new(Core {
+                state,
+                dead,
+                batch,
+                waiters: Vec::new(),
+                failure: None,
+                closing: false,
+                writer_stopped: false,
+            }),
+            writer_wake: Condvar::new(),
+            writer_done: Condvar::new(),
+            store,
+            max_pending: config.max_pending,
+            metrics,
+            ready_tx,
+            timer_changed: tokio::sync::Notify::new(),
+            dead_ops: tokio::sync::Mutex::new(()),
+        });
+        let writer_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("zoomq-commit".into())
+            .spawn(move || writer_loop(&writer_shared, committer))
+            .map_err(StoreError::Io)?;
+        Ok((Queue { shared }, ready_rx, recovery))
+    }
+
+    /// Makes one edit durable, coalescing it with the message's pending edit if there is one.
+    pub async fn enqueue(&self, edit: &Edit) -> Result<Enqueued, EnqueueError> {
+        let now = now_ms();
+        let body = edit.zoom_body();
+        let (placed, commit) = {
+            let mut core = self.shared.lock();
+            if core.closing {
+                return Err(EnqueueError::Unavailable(
+                    "the daemon is shutting down; the edit was not accepted".into(),
+                ));
+            }
+            if let Some(failure) = &core.failure {
+                return Err(EnqueueError::Unavailable(format!(
+                    "storage is failing ({failure}); the edit was not accepted, try again later"
+                )));
+            }
+            if core.state.would_add(&edit.message_id)
+                && core.state.pending() >= self.shared.max_pending
+            {
+                return Err(EnqueueError::Full(core.state.pending()));
+            }
+            let waiting_retry = core
+                .state
+                .pending_of(&edit.message_id)
+                .is_some_and(|seq| core.state.is_waiting(&edit.message_id, seq));
+            let placed = core.state.enqueue(&edit.message_id, &edit.account_id, now);
+            let (seq, coalesced, announce) = match placed {
+                state::Placed::New { seq, announce } => {
+                    let header = JobHeader {
+                        message_id: edit.message_id.clone(),
+                        account_id: edit.account_id.clone(),
+                        enqueued_ms: now,
+                        attempts: 0,
+                        next_attempt_ms: 0,
+                        first_failure_ms: None,
+                    };
+                    core.batch.push(put_json(JOB, seq, &header));
+                    let next_seq = core.state.next_seq();
+                    core.batch.push(put_next_seq(next_seq));
+                    (seq, false, announce)
+                }
+                state::Placed::Coalesced {
+                    seq,
+                    moved_from,
+                    announce,
+                } => {
+                    if moved_from.is_some() {
+                        // Rare: the same message under another account. Rewrite its header.
+                        match self.shared.store.header(seq) {
+                            Ok(Some(mut header)) => {
+                                header.account_id = edit.account_id.clone();
+                                core.batch.push(put_json(JOB, seq, &header));
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                tracing::error!(job_id = seq, error = %e, "cannot read job header")
+                            }
+                        }
+                    }
+                    (seq, true, announce)
+                }
+            };
+            core.batch.push(put_content(seq, now, &body));
+            let (tx, rx) = oneshot::channel();
+            core.waiters.push(tx);
+            if let Some(account) = announce {
+                let _ = self.shared.ready_tx.send(account);
+            }
+            if coalesced && waiting_retry {
+                // The replaced content was waiting for a retry: it will never be sent.
+                self.shared.metrics.edits_superseded.inc();
+            }
+            ((seq, coalesced), rx)
+        };
+        self.shared.writer_wake.notify_one();
+        match commit.await {
+            Ok(Ok(())) => {
+                let metrics = &self.shared.metrics;
+                metrics.edits_accepted.inc();
+                if placed.1 {
+                    metrics.edits_coalesced.inc();
+                }
+                Ok(Enqueued {
+                    job_id: placed.0,
+                    coalesced: placed.1,
+                })
+            }
+            Ok(Err(e)) => Err(EnqueueError::Unavailable(format!(
+                "storage failed to persist the edit ({e}); it was not accepted, try again later"
+            ))),
+            Err(_) => Err(EnqueueError::Unavailable(
+                "the storage writer stopped; the edit was not accepted".into(),
+            )),
+        }
+    }
+
+    /// Claims the oldest ready job of `account`, reading its content from disk.
+    /// `Ok(None)` means the account has no ready job (and will be announced again when it has).
+    pub fn claim(&self, account: &str) -> Result<Option<Job>, StoreError> {
+        let claim = {
+            let mut core = self.shared.lock();
+            match core.state.claim(account) {
+                Some(claim) => claim,
+                None => return Ok(None),
+            }
+        };
+        // The job is in flight now: nothing else writes its records until we finish it.
+        let loaded = self.shared.store.header(claim.seq).and_then(|header| {
+            Ok(header.zip(self.shared.store.content(claim.seq)?))
+        });
+        match loaded {
+            Ok(Some((header, (updated_ms, body)))) => Ok(Some(Job {
+                seq: claim.seq,
+                header,
+                updated_ms,
+                body,
+                more: claim.more,
+            })),
+            Ok(None) => {
+                let mut core = self.shared.lock();
+                let finished = core.state.finish(&claim.message, claim.seq, now_ms());
+                self.shared.announce(finished.announce);
+                Err(StoreError::Corrupt {
+                    key: format!("j{}", claim.seq),
+                    detail: "claimed job has no header or content on disk; dropped".into(),
+                })
+            }
+            Err(e) => {
+                // Put it back where it was; the dispatcher will retry later.
+                let mut core = self.shared.lock();
+                if let Some(finished) =
+                    core.state
+                        .requeue(&claim.message, claim.seq, now_ms() + 1000, now_ms())
+                {
+                    self.shared.announce(finished.announce);
+                }
+                self.shared.timer_changed.notify_one();
+                Err(e)
+            }
+        }
+    }
+
+    /// The job was delivered: forget it.
+    pub fn complete(&self, job: &Job) -> Commit {
+        let mut core = self.shared.lock();
+        let finished = core
+            .state
+            .finish(&job.header.message_id, job.seq, now_ms());
+        core.batch.push(Op::Del(key(JOB, job.seq)));
+        core.batch.push(Op::Del(key(CONTENT, job.seq)));
+        self.shared.announce(finished.announce);
+        self.shared.commit_locked(core)
+    }
+
+    /// The job failed transiently: store its new retry state (`job.header`, updated by the
+    /// caller) and make it pending again, unless a newer edit superseded it. Returns whether
+    /// it was superseded.
+    pub fn retry_later(&self, job: &Job) -> (bool, Commit) {
+        let mut core = self.shared.lock();
+        let now = now_ms();
+        let requeued = core.state.requeue(
+            &job.header.message_id,
+            job.seq,
+            job.header.next_attempt_ms,
+            now,
+        );
+        let superseded = match requeued {
+            Some(finished) => {
+                core.batch.push(put_json(JOB, job.seq, &job.header));
+                self.shared.announce(finished.announce);
+                self.shared.timer_changed.notify_one();
+                false
+            }
+            None => {
+                core.batch.push(Op::Del(key(JOB, job.seq)));
+                core.batch.push(Op::Del(key(CONTENT, job.seq)));
+                self.shared.metrics.edits_superseded.inc();
+                true
+            }
+        };
+        (superseded, self.shared.commit_locked(core))
+    }
+
+    /// The job can never succeed: move it to the dead letters.
+    pub fn dead_letter(&self, job: &Job, info: DeadInfo) -> Commit {
+        let mut core = self.shared.lock();
+        let now = now_ms();
+        let finished = core.state.finish(&job.header.message_id, job.seq, now);
+        let record = DeadRecord {
+            header: job.header.clone(),
+            dead_ms: now,
+            reason: info.reason.to_string(),
+            status: info.status,
+            zoom_code: info.zoom_code,
+            detail: info.detail,
+        };
+        core.batch.push(Op::Del(key(JOB, job.seq)));
+        core.batch.push(put_json(DEAD, job.seq, &record));
+        core.dead += 1;
+        self.shared
+            .metrics
+            .edits_dead_lettered
+            .with_label_values(&[info.reason])
+            .inc();
+        self.shared.announce(finished.announce);
+        self.shared.commit_locked(core)
+    }
+
+    /// Dead letters in job-id order, at most `limit` of them.
+    pub fn dead_list(&self, limit: Option<usize>) -> Result<Vec<(u64, DeadRecord)>, StoreError> {
+        self.shared
+            .store
+            .dead_records()
+            .take(limit.unwrap_or(usize::MAX))
+            .collect()
+    }
+
+    /// Puts dead letters back in the queue (first in line: they keep their job id). One whose
+    /// message has a newer pending edit is superseded and deleted instead.
+    pub async fn dead_retry(&self, selector: &Selector) -> Result<DeadOutcome, String> {
+        let _serial = self.shared.dead_ops.lock().await;
+        let records = self.select_dead(selector)?;
+        let mut outcome = DeadOutcome::default();
+        let commit = {
+            let mut core = self.shared.lock();
+            let now = now_ms();
+            for (seq, record) in records {
+                let message = &record.header.message_id;
+                core.batch.push(Op::Del(key(DEAD, seq)));
+                core.dead -= 1;
+                if core.state.pending_of(message).is_some() {
+                    core.batch.push(Op::Del(key(CONTENT, seq)));
+                    outcome.superseded += 1;
+                    continue;
+                }
+                let header = JobHeader {
+                    attempts: 0,
+                    next_attempt_ms: 0,
+                    first_failure_ms: None,
+                    ..record.header
+                };
+                let (_, announce) =
+                    core.state
+                        .restore(&header.message_id, &header.account_id, seq, 0, now);
+                core.batch.push(put_json(JOB, seq, &header));
+                self.shared.announce(announce);
+                outcome.affected += 1;
+            }
+            self.shared.metrics.dead_letters_retried.inc_by(outcome.affected);
+            self.shared.metrics.edits_superseded.inc_by(outcome.superseded);
+            self.shared.commit_locked(core)
+        };
+        wait(commit).await?;
+        Ok(outcome)
+    }
+
+    /// Deletes dead letters.
+    pub async fn dead_purge(&self, selector: &Selector) -> Result<DeadOutcome, String> {
+        let _serial = self.shared.dead_ops.lock().await;
+        let records = self.select_dead(selector)?;
+        let commit = {
+            let mut core = self.shared.lock();
+            for (seq, _) in &records {
+                core.batch.push(Op::Del(key(DEAD, *seq)));
+                core.batch.push(Op::Del(key(CONTENT, *seq)));
+                core.dead -= 1;
+            }
+            self.shared.commit_locked(core)
+        };
+        wait(commit).await?;
+        Ok(DeadOutcome {
+            affected: records.len() as u64,
+            superseded: 0,
+        })
+    }
+
+    fn select_dead(&self, selector: &Selector) -> Result<Vec<(u64, DeadRecord)>, String> {
+        match selector {
+            Selector::All => self.dead_list(None).map_err(|e| e.to_string()),
+            Selector::One(seq) => match self.shared.store.dead(*seq) {
+                Ok(Some(record)) => Ok(vec![(*seq, record)]),
+                Ok(None) => Err(format!("no dead letter with job id \"{seq}\"")),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+
+    /// Moves jobs whose retry time has come to their accounts' lines (announcing them).
+    pub fn promote_due(&self, now_ms: u64) {
+        let mut core = self.shared.lock();
+        for account in core.state.promote_due(now_ms) {
+            let _ = self.shared.ready_tx.send(account);
+        }
+    }
+
+    /// The earliest retry time of a waiting job (unix ms).
+    pub fn next_due_ms(&self) -> Option<u64> {
+        self.shared.lock().state.next_due_ms()
+    }
+
+    /// Resolves when the earliest retry time may have moved earlier.
+    pub async fn timer_changed(&self) {
+        self.shared.timer_changed.notified().await
+    }
+
+    pub fn stats(&self) -> QueueStats {
+        let core = self.shared.lock();
+        QueueStats {
+            pending: core.state.pending(),
+            in_flight: core.state.in_flight(),
+            dead: core.dead,
+            accounts: core.state.accounts() as u64,
+            storage_error: core.failure.clone(),
+        }
+    }
+
+    /// Age of the oldest job not yet delivered (a seek to the first key, not a scan).
+    pub fn oldest_age(&self) -> Result<Option<Duration>, StoreError> {
+        Ok(self
+            .shared
+            .store
+            .oldest()?
+            .map(|(_, h)| Duration::from_millis(now_ms().saturating_sub(h.enqueued_ms))))
+    }
+
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.shared.store.size_on_disk()
+    }
+
+    /// Refreshes the queue's gauges; called before each metrics scrape.
+    pub fn observe(&self) {
+        let stats = self.stats();
+        let metrics = &self.shared.metrics;
+        metrics.queue_pending.set(stats.pending as i64);
+        metrics.queue_in_flight.set(stats.in_flight as i64);
+        metrics.queue_dead.set(stats.dead as i64);
+        if let Ok(age) = self.oldest_age() {
+            metrics
+                .queue_oldest_pending_age
+                .set(age.map_or(0.0, |a| a.as_secs_f64()));
+        }
+        if let Ok(size) = self.size_on_disk() {
+            metrics.storage_size.set(size as i64);
+        }
+    }
+
+    /// Stops accepting edits, commits everything outstanding and stops the writer thread.
+    /// Blocking; call from a blocking context.
+    pub fn close(&self) {
+        let mut core = self.shared.lock();
+        core.closing = true;
+        self.shared.writer_wake.notify_one();
+        while !core.writer_stopped {
+            core = self
+                .shared
+                .writer_done
+                .wait(core)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        // A panic while holding the lock leaves the index as it was at the panic; keep going
+        // rather than poisoning every producer.
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn announce(&self, account: Option<Arc<str>>) {
+        if let Some(account) = account {
+            let _ = self.ready_tx.send(account);
+        }
+    }
+
+    /// Registers a waiter for the writes already in the batch and wakes the writer.
+    fn commit_locked(&self, mut core: MutexGuard<'_, Core>) -> Commit {
+        let (tx, rx) = oneshot::channel();
+        core.waiters.push(tx);
+        drop(core);
+        self.writer_wake.notify_one();
+        rx
+    }
+}
+
+/// Awaits a commit, mapping a stopped writer to an error.
+pub async fn wait(commit: Commit) -> Result<(), String> {
+    commit
+        .await
+        .unwrap_or_else(|_| Err("the storage writer stopped".into()))
+}
+
+/// The writer thread: commits whatever accumulated, as one batch, until the queue closes.
+fn writer_loop(shared: &Shared, mut committer: Committer) {
+    let mut failures = 0u32;
+    loop {
+        let (ops, waiters) = {
+            let mut core = shared.lock();
+            loop {
+                if !core.batch.is_empty() || !core.waiters.is_empty() {
+                    break;
+                }
+                if core.closing {
+                    core.writer_stopped = true;
+                    shared.writer_done.notify_all();
+                    return;
+                }
+                core = shared
+                    .writer_wake
+                    .wait(core)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            (
+                std::mem::take(&mut core.batch),
+                std::mem::take(&mut core.waiters),
+            )
+        };
+        let started = Instant::now();
+        let n_ops = ops.len();
+        let result = if ops.is_empty() {
+            Ok(())
+        } else {
+            committer.commit(&ops)
+        };
+        shared
+            .metrics
+            .commit_duration
+            .observe(started.elapsed().as_secs_f64());
+        shared.metrics.commit_batch_size.observe(n_ops as f64);
+        match result {
+            Ok(()) => {
+                if failures > 0 {
+                    tracing::info!("storage recovered; commits succeed again");
+                    shared.lock().failure = None;
+                }
+                failures = 0;
+                for waiter in waiters {
+                    let _ = waiter.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                let message = e.to_string();
+                tracing::error!(error = %message, writes = n_ops, "group commit failed; will retry");
+                shared.metrics.storage_failures.inc();
+                let mut core = shared.lock();
+                // Keep the failed writes ahead of anything queued since, in order.
+                let mut retained = ops;
+                retained.append(&mut core.batch);
+                core.batch = retained;
+                core.failure = Some(message.clone());
+                if core.closing && failures >= 3 {
+                    tracing::error!("giving up on uncommitted writes at shutdown");
+                    core.batch.clear();
+                }
+                drop(core);
+                for waiter in waiters {
+                    let _ = waiter.send(Err(message.clone()));
+                }
+                // Wait before retrying (a full disk does not empty itself in microseconds).
+                let core = shared.lock();
+                let _ = shared
+                    .writer_wake
+                    .wait_timeout(core, Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,144 @@
+//! Queue-level tests on a real sled database in a temporary directory.
+
+use super::*;
+use crate::config::StorageConfig;
+use crate::protocol::{parse_request, Request};
+
+fn edit(message: &str, account: &str, text: &str) -> Edit {
+    let line = format!(
+        r#"{{"op":"edit","message_id":"{message}","account_id":"{account}","robot_jid":"bot@xmpp.zoom.us","content":{{"head":{{"text":"{text}"}}}}}}"#
+    );
+    match parse_request(line.as_bytes()).unwrap() {
+        Request::Edit(edit) => edit,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn open(dir: &std::path::Path) -> (Queue, mpsc::UnboundedReceiver<Arc<str>>, Recovery) {
+    let config = StorageConfig {
+        path: dir.to_path_buf(),
+        cache_capacity: 8 * 1024 * 1024,
+        ..StorageConfig::default()
+    };
+    Queue::open(&config, Arc::new(Metrics::new())).unwrap()
+}
+
+fn text_of(job: &Job) -> String {
+    let body: serde_json::Value = serde_json::from_slice(&job.body).unwrap();
+    body["content"]["head"]["text"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn coalesces_pending_and_serializes_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let (queue, mut ready, _) = open(dir.path());
+    let first = queue.enqueue(&edit("m1", "a", "v1")).await.unwrap();
+    assert!(!first.coalesced);
+    let again = queue.enqueue(&edit("m1", "a", "v2")).await.unwrap();
+    assert_eq!(again, Enqueued { job_id: first.job_id, coalesced: true });
+    assert_eq!(&*ready.recv().await.unwrap(), "a");
+    assert_eq!(queue.stats().pending, 1);
+
+    // Claim it, then enqueue a newer edit: it must wait behind the in-flight one.
+    let job = queue.claim("a").unwrap().unwrap();
+    assert_eq!(text_of(&job), "v2");
+    let newer = queue.enqueue(&edit("m1", "a", "v3")).await.unwrap();
+    assert!(!newer.coalesced);
+    assert!(newer.job_id > job.seq);
+    assert!(queue.claim("a").unwrap().is_none(), "never two in flight for one message");
+    wait(queue.complete(&job)).await.unwrap();
+    let next = queue.claim("a").unwrap().unwrap();
+    assert_eq!(text_of(&next), "v3");
+    wait(queue.complete(&next)).await.unwrap();
+    let stats = queue.stats();
+    assert_eq!((stats.pending, stats.in_flight), (0, 0));
+}
+
+#[tokio::test]
+async fn restart_recovers_pending_and_in_flight_keeping_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (queue, _ready, _) = open(dir.path());
+        queue.enqueue(&edit("m1", "a", "old")).await.unwrap();
+        queue.enqueue(&edit("m2", "b", "only")).await.unwrap();
+        let job = queue.claim("a").unwrap().unwrap();
+        assert_eq!(text_of(&job), "old");
+        queue.enqueue(&edit("m1", "a", "new")).await.unwrap();
+        // Crash with m1's old edit in flight and its newer edit pending.
+        drop(job);
+        tokio::task::spawn_blocking(move || queue.close()).await.unwrap();
+    }
+    let (queue, _ready, recovery) = open(dir.path());
+    assert_eq!(recovery.pending, 2);
+    assert_eq!(recovery.superseded, 1);
+    let job = queue.claim("a").unwrap().unwrap();
+    assert_eq!(text_of(&job), "new");
+    assert_eq!(text_of(&queue.claim("b").unwrap().unwrap()), "only");
+}
+
+#[tokio::test]
+async fn retry_state_and_dead_letters_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let due = now_ms() + 3_600_000;
+    {
+        let (queue, _ready, _) = open(dir.path());
+        queue.enqueue(&edit("m1", "a", "x")).await.unwrap();
+        queue.enqueue(&edit("m2", "a", "y")).await.unwrap();
+        let mut job = queue.claim("a").unwrap().unwrap();
+        job.header.attempts = 3;
+        job.header.next_attempt_ms = due;
+        let (superseded, commit) = queue.retry_later(&job);
+        assert!(!superseded);
+        wait(commit).await.unwrap();
+        let job2 = queue.claim("a").unwrap().unwrap();
+        let info = DeadInfo { reason: "rejected", status: Some(404), zoom_code: Some(8001), detail: "Invalid message_id value.".into() };
+        wait(queue.dead_letter(&job2, info)).await.unwrap();
+        tokio::task::spawn_blocking(move || queue.close()).await.unwrap();
+    }
+    let (queue, _ready, recovery) = open(dir.path());
+    assert_eq!((recovery.pending, recovery.dead), (1, 1));
+    assert!(queue.claim("a").unwrap().is_none(), "still waiting for its retry time");
+    assert_eq!(queue.next_due_ms(), Some(due));
+    let dead = queue.dead_list(None).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].1.status, Some(404));
+    assert_eq!(dead[0].1.header.message_id, "m2");
+
+    // Retry the dead letter: it is pending again, with its content.
+    let outcome = queue.dead_retry(&Selector::All).await.unwrap();
+    assert_eq!(outcome.affected, 1);
+    let job = queue.claim("a").unwrap().unwrap();
+    assert_eq!(text_of(&job), "y");
+    assert_eq!(queue.stats().dead, 0);
+}
+
+#[tokio::test]
+async fn dead_retry_is_superseded_by_pending_edit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (queue, _ready, _) = open(dir.path());
+    queue.enqueue(&edit("m1", "a", "x")).await.unwrap();
+    let job = queue.claim("a").unwrap().unwrap();
+    let info = DeadInfo { reason: "rejected", status: Some(400), zoom_code: Some(7001), detail: "bad".into() };
+    wait(queue.dead_letter(&job, info)).await.unwrap();
+    queue.enqueue(&edit("m1", "a", "newer")).await.unwrap();
+    let outcome = queue.dead_retry(&Selector::One(job.seq)).await.unwrap();
+    assert_eq!(outcome, DeadOutcome { affected: 0, superseded: 1 });
+    assert_eq!(text_of(&queue.claim("a").unwrap().unwrap()), "newer");
+    assert!(queue.dead_retry(&Selector::One(job.seq)).await.is_err());
+}
+
+#[tokio::test]
+async fn queue_full_refuses_new_messages_but_coalesces() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StorageConfig {
+        path: dir.path().to_path_buf(),
+        max_pending: 2,
+        cache_capacity: 8 * 1024 * 1024,
+        ..StorageConfig::default()
+    };
+    let (queue, _ready, _) = Queue::open(&config, Arc::new(Metrics::new())).unwrap();
+    queue.enqueue(&edit("m1", "a", "x")).await.unwrap();
+    queue.enqueue(&edit("m2", "a", "x")).await.unwrap();
+    assert_eq!(queue.enqueue(&edit("m3", "a", "x")).await, Err(EnqueueError::Full(2)));
+    assert!(queue.enqueue(&edit("m1", "a", "y")).await.unwrap().coalesced);
+}
