@@ -75,8 +75,9 @@ pub enum ErrorCode {
     TooLarge,
     QueueFull,
     Unavailable,
-    NotFound,
     Internal,
+    /// Sent once, before closing, to a peer refused by `socket.allowed_uids`/`allowed_gids`.
+    Forbidden,
 }
 
 /// Every error code, for metrics that list them all from the start.
@@ -85,8 +86,8 @@ pub const ALL_ERROR_CODES: [ErrorCode; 6] = [
     ErrorCode::TooLarge,
     ErrorCode::QueueFull,
     ErrorCode::Unavailable,
-    ErrorCode::NotFound,
     ErrorCode::Internal,
+    ErrorCode::Forbidden,
 ];
 
 impl ErrorCode {
@@ -96,8 +97,8 @@ impl ErrorCode {
             ErrorCode::TooLarge => "too_large",
             ErrorCode::QueueFull => "queue_full",
             ErrorCode::Unavailable => "unavailable",
-            ErrorCode::NotFound => "not_found",
             ErrorCode::Internal => "internal",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 }
@@ -148,6 +149,40 @@ impl std::error::Error for ProtocolError {}
 /// The success answer to an edit.
 pub fn edit_ok_line(job_id: u64, coalesced: bool) -> String {
     format!("{{\"ok\":true,\"job_id\":\"{job_id}\",\"coalesced\":{coalesced}}}")
+}
+
+/// A dead letter as `dead_list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub job_id: String,
+    pub message_id: String,
+    pub account_id: String,
+    /// `rejected` (Zoom refused the edit) or `expired` (failing longer than delivery.max_age).
+    pub reason: String,
+    pub status: Option<u16>,
+    pub zoom_code: Option<i64>,
+    pub detail: String,
+    pub attempts: u32,
+    /// Unix milliseconds.
+    pub enqueued_ms: u64,
+    pub dead_ms: u64,
+}
+
+impl DeadLetter {
+    pub fn from_record(seq: u64, record: crate::queue::DeadRecord) -> DeadLetter {
+        DeadLetter {
+            job_id: seq.to_string(),
+            message_id: record.header.message_id,
+            account_id: record.header.account_id,
+            reason: record.reason,
+            status: record.status,
+            zoom_code: record.zoom_code,
+            detail: record.detail,
+            attempts: record.header.attempts,
+            enqueued_ms: record.header.enqueued_ms,
+            dead_ms: record.dead_ms,
+        }
+    }
 }
 
 /// Every field any request may carry, each still raw JSON.

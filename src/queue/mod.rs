@@ -540,6 +540,11 @@ impl Queue {
         }
     }
 
+    /// The `n` accounts with the largest ready backlogs.
+    pub fn top_accounts(&self, n: usize) -> Vec<(Arc<str>, usize)> {
+        self.shared.lock().state.top_accounts(n)
+    }
+
     /// Age of the oldest job not yet delivered (a seek to the first key, not a scan).
     pub fn oldest_age(&self) -> Result<Option<Duration>, StoreError> {
         Ok(self

@@ -106,6 +106,21 @@ impl State {
         self.accounts.len()
     }
 
+    /// The `n` accounts with the most ready jobs, largest first.
+    pub fn top_accounts(&self, n: usize) -> Vec<(Arc<str>, usize)> {
+        let mut all: Vec<(Arc<str>, usize)> = self
+            .accounts
+            .iter()
+            .map(|(account, line)| (account.clone(), line.ready.len()))
+            .collect();
+        if all.len() > n {
+            all.select_nth_unstable_by(n, |a, b| b.1.cmp(&a.1));
+            all.truncate(n);
+        }
+        all.sort_by(|a, b| b.1.cmp(&a.1));
+        all
+    }
+
     /// The pending job of a message, if any.
     pub fn pending_of(&self, message: &str) -> Option<u64> {
         self.slots

@@ -10,9 +10,12 @@
 //! [`Faults`], [`Scripted`]) and the [`Sandbox`] handle. It deliberately knows nothing about
 //! HTTP; the submodules split the rest:
 //!
-//! - `state.rs`: the shared state behind one mutex, the quota bookkeeping and the observation
-//!   types ([`MessageRecord`], [`AccountStats`], [`SandboxStats`], [`RequestRecord`]).
-//! - `http.rs`: the axum routes and the order in which an edit request is checked.
+//! - `http.rs`: the server, its routes, the token endpoint and the `/sandbox/*` views.
+//! - `edit.rs`: the edit endpoint and the order in which a request is checked.
+//! - `reply.rs`: Zoom's response bodies and headers.
+//! - `state.rs`: the shared state behind one mutex and the quota bookkeeping.
+//! - `stats.rs`: the observation types ([`MessageRecord`], [`AccountStats`],
+//!   [`SandboxStats`], [`RequestRecord`]).
 //! - `conn.rs`: the listener whose connections a handler can reset without answering.
 //!
 //! # Rate-limit model
@@ -33,8 +36,11 @@
 //!   override can make smaller, as when another app shares the quota).
 
 mod conn;
+mod edit;
 mod http;
+mod reply;
 mod state;
+mod stats;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -47,7 +53,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::plan::Plan;
 
-pub use state::{AccountStats, MessageRecord, RequestRecord, SandboxStats};
+pub use stats::{AccountStats, MessageRecord, RequestRecord, SandboxStats};
 
 /// Everything the sandbox does, as plain data. All fields are public so a CLI can fill them
 /// from flags; [`Default`] gives a well-behaved Pro-plan Zoom with no faults.

@@ -1,0 +1,356 @@
+//! The dispatcher: drains the queue to Zoom as fast as each account's limiter allows and no
+//! faster. It owns the per-account [`Limiters`], serves accounts with ready work round-robin,
+//! runs up to `delivery.concurrency` requests at once, and turns each Zoom [`Outcome`] into a
+//! queue transition (complete, retry later, dead letter, or put back).
+//!
+//! It is one task with one loop ("event-driven": it sleeps until an account gets ready work, a
+//! request finishes, a limiter or retry timer expires, or shutdown), plus one short-lived task
+//! per request. Only this loop touches the limiters, so they need no lock.
+//!
+//! **Invariant:** an account in `ring` has been announced by the queue and not yet reported
+//! empty by a claim; so each account appears at most once, and one account's backlog or pause
+//! only ever costs the others one skipped turn.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::health::Health;
+use crate::limiter::{LimitKind, Limiters};
+use crate::metrics::Metrics;
+use crate::queue::{self, now_ms, DeadInfo, Job, Queue};
+use crate::retry::RetryPolicy;
+use crate::zoom::{Outcome, ZoomClient};
+
+/// Settings of the dispatcher, from `[delivery]`.
+#[derive(Debug, Clone)]
+pub struct DispatchSettings {
+    pub concurrency: usize,
+    pub retry: RetryPolicy,
+    pub max_age: Duration,
+    pub shutdown_timeout: Duration,
+    pub per_account_series: usize,
+}
+
+/// A finished request, reported back to the loop.
+struct Finished {
+    job: Job,
+    outcome: Outcome,
+}
+
+/// How long to hold all sending after the token could not be obtained.
+const NO_TOKEN_PAUSE_MIN: Duration = Duration::from_secs(1);
+const NO_TOKEN_PAUSE_MAX: Duration = Duration::from_secs(60);
+
+pub struct Dispatcher {
+    queue: Queue,
+    /// Accounts that just got ready work (from the queue).
+    ready_rx: mpsc::UnboundedReceiver<Arc<str>>,
+    zoom: ZoomClient,
+    limiters: Limiters,
+    settings: DispatchSettings,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    /// Accounts with ready work, served round-robin.
+    ring: VecDeque<Arc<str>>,
+    /// Request slots; a task holds one while its request is in flight.
+    slots: Arc<Semaphore>,
+    /// While set, nothing is sent: the token could not be obtained.
+    no_token_until: Option<Instant>,
+    no_token_pause: Duration,
+    finished_tx: mpsc::UnboundedSender<Finished>,
+    finished_rx: mpsc::UnboundedReceiver<Finished>,
+    requests: TaskTracker,
+    last_housekeeping: Instant,
+}
+
+impl Dispatcher {
+    pub fn new(
+        queue: Queue,
+        ready_rx: mpsc::UnboundedReceiver<Arc<str>>,
+        zoom: ZoomClient,
+        limiters: Limiters,
+        settings: DispatchSettings,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Dispatcher {
+        let (finished_tx, finished_rx) = mpsc::unbounded_channel();
+        Dispatcher {
+            queue,
+            ready_rx,
+            zoom,
+            limiters,
+            slots: Arc::new(Semaphore::new(settings.concurrency)),
+            settings,
+            metrics,
+            health,
+            ring: VecDeque::new(),
+            no_token_until: None,
+            no_token_pause: NO_TOKEN_PAUSE_MIN,
+            finished_tx,
+            finished_rx,
+            requests: TaskTracker::new(),
+            last_housekeeping: Instant::now(),
+        }
+    }
+
+    /// Runs until `cancel` fires, then lets in-flight requests finish (bounded by
+    /// `shutdown_timeout`) and records their outcomes.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        loop {
+            self.health.dispatcher_turned();
+            while let Ok(account) = self.ready_rx.try_recv() {
+                self.ring.push_back(account);
+            }
+            while let Ok(finished) = self.finished_rx.try_recv() {
+                self.handle(finished);
+            }
+            self.queue.promote_due(now_ms());
+            while let Ok(account) = self.ready_rx.try_recv() {
+                self.ring.push_back(account);
+            }
+            let limiter_wait = self.dispatch_round();
+            self.housekeeping();
+
+            let wake_in = [
+                limiter_wait,
+                self.queue
+                    .next_due_ms()
+                    .map(|due| Duration::from_millis(due.saturating_sub(now_ms()))),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let sleep = async {
+                match wake_in {
+                    Some(wait) => tokio::time::sleep(wait.max(Duration::from_millis(1))).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some(account) = self.ready_rx.recv() => self.ring.push_back(account),
+                Some(finished) = self.finished_rx.recv() => self.handle(finished),
+                _ = sleep => {}
+                _ = self.queue.timer_changed() => {}
+                // Periodic turn so housekeeping and the watchdog's progress counter move
+                // even when idle.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = cancel.cancelled() => break,
+            }
+        }
+        self.drain().await;
+    }
+
+    /// One pass over the ring: every account gets at most one request. Returns how long
+    /// until a throttled account may send again, if any is throttled.
+    fn dispatch_round(&mut self) -> Option<Duration> {
+        if let Some(until) = self.no_token_until {
+            let now = Instant::now();
+            if until > now {
+                return Some(until - now);
+            }
+            self.no_token_until = None;
+        }
+        let mut wait: Option<Duration> = None;
+        for _ in 0..self.ring.len() {
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                break; // a finishing request wakes the loop
+            };
+            let Some(account) = self.ring.pop_front() else {
+                break;
+            };
+            if let Err(until_allowed) = self.limiters.try_acquire(&account, SystemTime::now()) {
+                wait = Some(wait.map_or(until_allowed, |w| w.min(until_allowed)));
+                self.ring.push_back(account);
+                continue;
+            }
+            match self.queue.claim(&account) {
+                Ok(Some(job)) => {
+                    if job.more {
+                        self.ring.push_back(account);
+                    }
+                    self.spawn_request(job, permit);
+                }
+                // The queue re-announces the account when it has ready work again.
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(account = %account, error = %e, "cannot read a claimed job");
+                }
+            }
+        }
+        wait
+    }
+
+    fn spawn_request(&self, job: Job, permit: tokio::sync::OwnedSemaphorePermit) {
+        let zoom = self.zoom.clone();
+        let finished_tx = self.finished_tx.clone();
+        self.requests.spawn(async move {
+            let outcome = zoom.edit(&job.header.message_id, &job.body).await;
+            drop(permit);
+            let _ = finished_tx.send(Finished { job, outcome });
+        });
+    }
+
+    /// Turns an outcome into a queue transition and limiter feedback.
+    fn handle(&mut self, Finished { mut job, outcome }: Finished) {
+        let account = job.header.account_id.clone();
+        let now = now_ms();
+        match outcome {
+            Outcome::Delivered { .. } => {
+                self.no_token_pause = NO_TOKEN_PAUSE_MIN;
+                self.limiters.on_success(&account);
+                self.metrics.edits_delivered.inc();
+                self.metrics
+                    .delivery_latency
+                    .observe(now.saturating_sub(job.updated_ms) as f64 / 1000.0);
+                tracing::debug!(job_id = job.seq, message_id = %job.header.message_id, account = %account, "delivered");
+                self.finish(self.queue.complete(&job));
+            }
+            Outcome::RateLimited {
+                kind, retry_after, ..
+            } => {
+                let label = match kind {
+                    LimitKind::Qps => "qps",
+                    LimitKind::Daily => "daily",
+                };
+                self.metrics.zoom_rate_limited.with_label_values(&[label]).inc();
+                self.limiters
+                    .on_rate_limited(&account, kind, retry_after, SystemTime::now());
+                tracing::info!(job_id = job.seq, message_id = %job.header.message_id, account = %account,
+                    kind = label, retry_after = ?retry_after, "rate limited by Zoom; account slowed down");
+                // Not a failed attempt: the edit goes back to its place in line.
+                self.put_back(&job);
+            }
+            Outcome::NoToken { detail } => {
+                // Not the edit's fault: hold all sending and try again later.
+                let pause = self.no_token_pause;
+                self.no_token_until = Some(Instant::now() + pause);
+                self.no_token_pause = (pause * 2).min(NO_TOKEN_PAUSE_MAX);
+                tracing::warn!(job_id = job.seq, %detail, pause_s = pause.as_secs_f64(),
+                    "no access token; holding deliveries");
+                self.put_back(&job);
+            }
+            Outcome::Transient { status, detail } => {
+                let first_failure = *job.header.first_failure_ms.get_or_insert(now);
+                job.header.attempts += 1;
+                let failing_for = Duration::from_millis(now.saturating_sub(first_failure));
+                if failing_for >= self.settings.max_age {
+                    tracing::warn!(job_id = job.seq, message_id = %job.header.message_id, account = %account,
+                        attempts = job.header.attempts, status = ?status, %detail,
+                        "edit failing longer than delivery.max_age; moved to the dead letters");
+                    let info = DeadInfo {
+                        reason: "expired",
+                        status,
+                        zoom_code: None,
+                        detail: format!(
+                            "failing for {} s ({} attempts); last error: {detail}",
+                            failing_for.as_secs(),
+                            job.header.attempts
+                        ),
+                    };
+                    self.finish(self.queue.dead_letter(&job, info));
+                    return;
+                }
+                let delay = self.settings.retry.delay(job.header.attempts);
+                job.header.next_attempt_ms = now + delay.as_millis() as u64;
+                tracing::warn!(job_id = job.seq, message_id = %job.header.message_id, account = %account,
+                    attempts = job.header.attempts, status = ?status, %detail,
+                    retry_in_s = delay.as_secs_f64(), "transient failure; will retry");
+                self.metrics.retries.inc();
+                let (superseded, commit) = self.queue.retry_later(&job);
+                if superseded {
+                    tracing::debug!(job_id = job.seq, "superseded by a newer edit; dropped");
+                }
+                self.finish(commit);
+            }
+            Outcome::Rejected {
+                status,
+                code,
+                message,
+            } => {
+                tracing::warn!(job_id = job.seq, message_id = %job.header.message_id, account = %account,
+                    status, zoom_code = ?code, zoom_message = %message,
+                    "Zoom rejected the edit; moved to the dead letters");
+                let info = DeadInfo {
+                    reason: "rejected",
+                    status: Some(status),
+                    zoom_code: code,
+                    detail: message,
+                };
+                self.finish(self.queue.dead_letter(&job, info));
+            }
+        }
+    }
+
+    /// Returns a claimed job to its place in line without counting an attempt.
+    fn put_back(&self, job: &Job) {
+        let mut job = job.clone();
+        job.header.next_attempt_ms = 0;
+        let (_, commit) = self.queue.retry_later(&job);
+        self.finish(commit);
+    }
+
+    /// Logs a commit failure in the background; the queue keeps and retries the writes.
+    fn finish(&self, commit: queue::Commit) {
+        tokio::spawn(async move {
+            if let Err(e) = queue::wait(commit).await {
+                tracing::debug!(error = %e, "queue transition not yet durable");
+            }
+        });
+    }
+
+    /// Once a second: limiter gauges, per-account series, idle limiter release.
+    fn housekeeping(&mut self) {
+        if self.last_housekeeping.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.last_housekeeping = Instant::now();
+        self.limiters.release_idle();
+        let snapshot = self.limiters.snapshot(SystemTime::now());
+        self.metrics.limiter_rate.set(snapshot.total_rate);
+        self.metrics.accounts_paused.set(snapshot.paused as i64);
+        self.metrics.accounts_active.set(snapshot.active as i64);
+        if self.settings.per_account_series > 0 {
+            self.metrics.account_pending.reset();
+            self.metrics.account_rate.reset();
+            for (account, pending) in self.queue.top_accounts(self.settings.per_account_series) {
+                self.metrics
+                    .account_pending
+                    .with_label_values(&[&*account])
+                    .set(pending as i64);
+                if let Some(rate) = self.limiters.rate_of(&account) {
+                    self.metrics
+                        .account_rate
+                        .with_label_values(&[&*account])
+                        .set(rate);
+                }
+            }
+        }
+    }
+
+    /// Shutdown: wait for in-flight requests (bounded), recording their outcomes.
+    async fn drain(mut self) {
+        self.requests.close();
+        let deadline = tokio::time::Instant::now() + self.settings.shutdown_timeout;
+        loop {
+            tokio::select! {
+                Some(finished) = self.finished_rx.recv() => self.handle(finished),
+                _ = self.requests.wait() => {
+                    while let Ok(finished) = self.finished_rx.try_recv() {
+                        self.handle(finished);
+                    }
+                    break;
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(in_flight = self.requests.len(),
+                        "in-flight requests did not finish in time; they will be sent again after restart");
+                    break;
+                }
+            }
+        }
+    }
+}
