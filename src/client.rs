@@ -10,7 +10,10 @@ use tokio::net::UnixStream;
 
 /// Sends one request and returns the daemon's answer. An `ok:false` answer becomes an error
 /// carrying the daemon's code and message.
-pub async fn request(socket: &Path, request: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+pub async fn request(
+    socket: &Path,
+    request: &serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
     let stream = tokio::time::timeout(Duration::from_secs(10), UnixStream::connect(socket))
         .await
         .map_err(|_| anyhow!("timed out connecting to {}", socket.display()))?
@@ -23,7 +26,10 @@ pub async fn request(socket: &Path, request: &serde_json::Value) -> anyhow::Resu
     let (reader, mut writer) = stream.into_split();
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
-    writer.write_all(&line).await.context("sending the request")?;
+    writer
+        .write_all(&line)
+        .await
+        .context("sending the request")?;
     let mut answer = String::new();
     let read = tokio::time::timeout(
         Duration::from_secs(60),
@@ -33,7 +39,9 @@ pub async fn request(socket: &Path, request: &serde_json::Value) -> anyhow::Resu
     .map_err(|_| anyhow!("timed out waiting for the daemon's answer"))?
     .context("reading the answer")?;
     if read == 0 {
-        return Err(anyhow!("the daemon closed the connection without answering"));
+        return Err(anyhow!(
+            "the daemon closed the connection without answering"
+        ));
     }
     let value: serde_json::Value =
         serde_json::from_str(&answer).context("the daemon's answer is not JSON")?;

@@ -21,7 +21,7 @@ pub const DEFAULT_SOCKET_PATH: &str = "/run/zoomq/zoomq.sock";
 pub const SECRET_ENV: &str = "ZOOMQ_CLIENT_SECRET";
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub socket: SocketConfig,
@@ -156,7 +156,10 @@ impl fmt::Debug for ZoomConfig {
             .field("api_base", &self.api_base)
             .field("token_url", &self.token_url)
             .field("client_id", &self.client_id)
-            .field("client_secret", &self.client_secret.as_ref().map(|_| "<redacted>"))
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "<redacted>"),
+            )
             .field("client_secret_file", &self.client_secret_file)
             .field("plan", &self.plan)
             .field("connect_timeout", &self.connect_timeout)
@@ -226,19 +229,6 @@ impl Default for MetricsConfig {
         MetricsConfig {
             listen: "127.0.0.1:9464".into(),
             per_account_series: 0,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            socket: SocketConfig::default(),
-            storage: StorageConfig::default(),
-            zoom: ZoomConfig::default(),
-            delivery: DeliveryConfig::default(),
-            metrics: MetricsConfig::default(),
-            accounts: BTreeMap::new(),
         }
     }
 }
@@ -513,11 +503,20 @@ mod tests {
     #[test]
     fn bad_values_are_named() {
         let message = problems("[zoom]\nplan = \"gold\"\n");
-        assert!(message.contains("gold") && message.contains("plan"), "{message}");
+        assert!(
+            message.contains("gold") && message.contains("plan"),
+            "{message}"
+        );
         let message = problems("[delivery]\nretry_max = \"soon\"\n");
-        assert!(message.contains("retry_max") && message.contains("duration"), "{message}");
+        assert!(
+            message.contains("retry_max") && message.contains("duration"),
+            "{message}"
+        );
         let message = problems("[socket]\nmode = \"999\"\n");
-        assert!(message.contains("mode") && message.contains("octal"), "{message}");
+        assert!(
+            message.contains("mode") && message.contains("octal"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -541,6 +540,32 @@ mod tests {
         config.set_client_secret("hunter2-very-secret");
         let debug = format!("{config:?} {:?}", config.client_secret().unwrap());
         assert!(!debug.contains("hunter2"), "{debug}");
+    }
+
+    /// The example file shows every default; uncommenting its `#key = value` lines must give
+    /// exactly `Config::default()`, so the two cannot drift apart.
+    #[test]
+    fn example_file_shows_the_defaults() {
+        let example = include_str!("../deploy/zoomq.example.toml");
+        let parsed = Config::parse(example).expect("example parses");
+        assert_eq!(parsed.zoom.client_id, "your-client-id");
+        let uncommented: String = example
+            .lines()
+            .map(|line| match line.strip_prefix('#') {
+                Some(rest) if rest.contains(" = ") && !rest.starts_with(' ') => rest,
+                _ => line,
+            })
+            .filter(|line| {
+                !line.starts_with("[accounts")
+                    && !line.starts_with("plan = \"business\"")
+                    && !line.starts_with("rate = ")
+            })
+            .filter(|line| !line.starts_with("client_secret"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let mut all = Config::parse(&uncommented).expect("uncommented example parses");
+        all.zoom.client_id.clear();
+        assert_eq!(format!("{all:?}"), format!("{:?}", Config::default()));
     }
 
     #[test]

@@ -95,12 +95,25 @@ pub async fn run_sandbox(args: SandboxArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let sandbox = Sandbox::start_on(listener, config).await?;
-    println!("zoomq sandbox: a fake Zoom API ({} plan) on http://{}", args.plan, sandbox.addr());
+    println!(
+        "zoomq sandbox: a fake Zoom API ({} plan) on http://{}",
+        args.plan,
+        sandbox.addr()
+    );
     println!("  [zoom] api_base  = \"{}\"", sandbox.api_base());
     println!("  [zoom] token_url = \"{}\"", sandbox.token_url());
-    println!("  client_id = \"{}\", client_secret = \"{}\"", args.client_id, args.client_secret);
-    println!("  see a message:  curl http://{}/sandbox/messages/MESSAGE_ID", sandbox.addr());
-    println!("  see the totals: curl http://{}/sandbox/stats", sandbox.addr());
+    println!(
+        "  client_id = \"{}\", client_secret = \"{}\"",
+        args.client_id, args.client_secret
+    );
+    println!(
+        "  see a message:  curl http://{}/sandbox/messages/MESSAGE_ID",
+        sandbox.addr()
+    );
+    println!(
+        "  see the totals: curl http://{}/sandbox/stats",
+        sandbox.addr()
+    );
     println!("Ctrl-C stops it.");
     tokio::signal::ctrl_c().await?;
     sandbox.shutdown().await;
@@ -260,7 +273,10 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         );
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("check FAILED: {wrong} of {} messages differ", last_acked.len());
+        println!(
+            "check FAILED: {wrong} of {} messages differ",
+            last_acked.len()
+        );
         Ok(ExitCode::FAILURE)
     }
 }

@@ -213,11 +213,14 @@ impl Dispatcher {
             Outcome::RateLimited {
                 kind, retry_after, ..
             } => {
-                let label = match kind {
-                    LimitKind::Qps => "qps",
-                    LimitKind::Daily => "daily",
+                let (kind, label) = match kind {
+                    crate::zoom::LimitKind::Qps => (LimitKind::Qps, "qps"),
+                    crate::zoom::LimitKind::Daily => (LimitKind::Daily, "daily"),
                 };
-                self.metrics.zoom_rate_limited.with_label_values(&[label]).inc();
+                self.metrics
+                    .zoom_rate_limited
+                    .with_label_values(&[label])
+                    .inc();
                 self.limiters
                     .on_rate_limited(&account, kind, retry_after, SystemTime::now());
                 tracing::info!(job_id = job.seq, message_id = %job.header.message_id, account = %account,

@@ -65,6 +65,9 @@ async fn ready_handler(State(ctx): State<Ctx>) -> impl IntoResponse {
     if ctx.health.socket_bound() {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: producer socket not bound\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: producer socket not bound\n",
+        )
     }
 }

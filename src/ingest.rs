@@ -145,11 +145,9 @@ impl Ingest {
             self.metrics.ingest_rejected_connections.inc();
             let (_, mut writer) = stream.into_split();
             let line = ProtocolError::new(ErrorCode::Forbidden, reason).to_line() + "\n";
-            let _ = tokio::time::timeout(
-                self.config.write_timeout,
-                writer.write_all(line.as_bytes()),
-            )
-            .await;
+            let _ =
+                tokio::time::timeout(self.config.write_timeout, writer.write_all(line.as_bytes()))
+                    .await;
             return Ok(());
         }
         let (reader, mut writer) = stream.into_split();
@@ -269,7 +267,10 @@ impl Ingest {
             Request::Stats => Ok((self.stats_line(), false)),
             Request::DeadList { limit } => {
                 let records = self.queue.dead_list(limit).map_err(|e| {
-                    ProtocolError::new(ErrorCode::Unavailable, format!("cannot read dead letters: {e}"))
+                    ProtocolError::new(
+                        ErrorCode::Unavailable,
+                        format!("cannot read dead letters: {e}"),
+                    )
                 })?;
                 let dead: Vec<_> = records
                     .into_iter()

@@ -13,6 +13,7 @@
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod dispatch;
 pub mod health;
 pub mod http;
 pub mod ingest;
@@ -41,11 +42,14 @@ use crate::queue::Queue;
 
 /// Binds the producer socket at `socket.path` with `socket.mode`, replacing a stale socket
 /// file left by a crashed daemon but refusing to steal one a live daemon is serving.
-pub fn bind_socket(config: &config::SocketConfig) -> anyhow::Result<std::os::unix::net::UnixListener> {
+pub fn bind_socket(
+    config: &config::SocketConfig,
+) -> anyhow::Result<std::os::unix::net::UnixListener> {
     let path = &config.path;
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create the socket's directory {}", parent.display()))?;
+        std::fs::create_dir_all(parent).with_context(|| {
+            format!("cannot create the socket's directory {}", parent.display())
+        })?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -75,10 +79,16 @@ pub async fn run(
     let health = Arc::new(Health::default());
     let storage = config.storage.clone();
     let queue_metrics = metrics.clone();
-    let (queue, _ready_rx, recovery) =
+    let zoom_settings = zoom::ZoomSettings::from_config(&config)
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    let zoom = zoom::ZoomClient::new(zoom_settings, metrics.clone(), health.clone())
+        .context("cannot build the Zoom client")?;
+    let (queue, ready_rx, recovery) =
         tokio::task::spawn_blocking(move || Queue::open(&storage, queue_metrics))
             .await?
-            .with_context(|| format!("cannot open the queue in {}", config.storage.path.display()))?;
+            .with_context(|| {
+                format!("cannot open the queue in {}", config.storage.path.display())
+            })?;
     tracing::info!(
         pending = recovery.pending,
         dead = recovery.dead,
@@ -92,7 +102,9 @@ pub async fn run(
     if !config.metrics.listen.is_empty() {
         let listener = tokio::net::TcpListener::bind(&config.metrics.listen)
             .await
-            .with_context(|| format!("cannot listen on metrics.listen {}", config.metrics.listen))?;
+            .with_context(|| {
+                format!("cannot listen on metrics.listen {}", config.metrics.listen)
+            })?;
         let observe_queue = queue.clone();
         let observe: http::Observe = Arc::new(move || observe_queue.observe());
         tokio::spawn(http::serve(
@@ -115,12 +127,34 @@ pub async fn run(
     });
     let ingest_cancel = cancel.child_token();
     let ingest_task = tokio::spawn(ingest.serve(listener, ingest_cancel, tracker.clone()));
+    let dispatcher = dispatch::Dispatcher::new(
+        queue.clone(),
+        ready_rx,
+        zoom,
+        limiter::Limiters::from_config(&config),
+        dispatch::DispatchSettings {
+            concurrency: config.delivery.concurrency,
+            retry: retry::RetryPolicy {
+                initial: config.delivery.retry_initial,
+                max: config.delivery.retry_max,
+            },
+            max_age: config.delivery.max_age,
+            shutdown_timeout: config.delivery.shutdown_timeout,
+            per_account_series: config.metrics.per_account_series,
+        },
+        metrics.clone(),
+        health.clone(),
+    );
+    let dispatch_cancel = CancellationToken::new();
+    let dispatch_task = tokio::spawn(dispatcher.run(dispatch_cancel.clone()));
+    let supervisor = tokio::spawn(supervise(queue.clone(), health.clone(), cancel.clone()));
     systemd::notify_ready(&status_line(&queue));
-    tracing::info!("zoomq is ready");
+    tracing::info!(socket = %config.socket.path.display(), "zoomq is ready");
 
     cancel.cancelled().await;
     systemd::notify_stopping();
     tracing::info!("shutting down");
+    // 1. Stop accepting and answer what producers already sent.
     let _ = ingest_task.await;
     tracker.close();
     if tokio::time::timeout(config.delivery.shutdown_timeout, tracker.wait())
@@ -130,10 +164,43 @@ pub async fn run(
         tracing::warn!("producer connections did not finish in time");
     }
     health.set_socket_bound(false);
+    // 2. Stop dispatching; in-flight requests finish (bounded) and their outcomes are stored.
+    dispatch_cancel.cancel();
+    let _ = dispatch_task.await;
+    let _ = supervisor.await;
     http_cancel.cancel();
     tokio::task::spawn_blocking(move || queue.close()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Keeps systemd informed: a STATUS line with the backlog every few seconds, and watchdog
+/// pings only while the dispatcher loop keeps turning (it turns at least once a second), so a
+/// wedged daemon is restarted.
+async fn supervise(queue: Queue, health: Arc<Health>, cancel: CancellationToken) {
+    let watchdog = systemd::watchdog_interval();
+    let tick = watchdog
+        .map(|interval| interval / 3)
+        .unwrap_or(std::time::Duration::from_secs(5))
+        .min(std::time::Duration::from_secs(5));
+    let mut last_turns = health.dispatcher_turns();
+    let mut ticker = tokio::time::interval(tick);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = cancel.cancelled() => return,
+        }
+        systemd::notify_status(&status_line(&queue));
+        let turns = health.dispatcher_turns();
+        if watchdog.is_some() {
+            if turns != last_turns {
+                systemd::notify_watchdog();
+            } else {
+                tracing::error!("the dispatcher made no progress; withholding the watchdog ping");
+            }
+        }
+        last_turns = turns;
+    }
 }
 
 /// The one-line summary systemd shows in `systemctl status`.

@@ -14,11 +14,16 @@ use tokio_util::sync::CancellationToken;
 use zoomq::config::{Config, DEFAULT_SOCKET_PATH};
 
 #[derive(Parser)]
-#[command(name = "zoomq", version, about = "Durable, rate-limited delivery of Zoom chat-bot message edits")]
+#[command(
+    name = "zoomq",
+    version,
+    about = "Durable, rate-limited delivery of Zoom chat-bot message edits"
+)]
 struct Cli {
-    /// Log filter, e.g. "info" or "zoomq=debug" (RUST_LOG wins when set).
-    #[arg(long, global = true, default_value = "info")]
-    log_level: String,
+    /// Log filter, e.g. "info" or "zoomq=debug" (RUST_LOG wins when set) [default: info;
+    /// error for `demo`, whose status line would drown in log lines].
+    #[arg(long, global = true)]
+    log_level: Option<String>,
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -133,8 +138,18 @@ fn main() -> ExitCode {
         Command::Serve { .. } => zoomq::systemd::take_inherited_listener(),
         _ => None,
     };
-    init_logging(&cli.log_level, cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let default_level = match cli.command {
+        Command::Demo(_) => "error",
+        _ => "info",
+    };
+    init_logging(
+        cli.log_level.as_deref().unwrap_or(default_level),
+        cli.log_format,
+    );
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("zoomq: cannot start the async runtime: {e}");
@@ -170,7 +185,8 @@ async fn dispatch(
 ) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve { config } => {
-            let config = Config::load(&config).map_err(|e| anyhow!("invalid configuration:\n{e}"))?;
+            let config =
+                Config::load(&config).map_err(|e| anyhow!("invalid configuration:\n{e}"))?;
             let socket_path = config.socket.path.clone();
             let (listener, owns_path) = match inherited {
                 Some(listener) => (listener, false),
@@ -186,7 +202,8 @@ async fn dispatch(
         }
         Command::Send(args) => send(args).await,
         Command::Stats { target, json } => {
-            let answer = zoomq::client::request(&socket_of(&target)?, &json!({"op": "stats"})).await?;
+            let answer =
+                zoomq::client::request(&socket_of(&target)?, &json!({"op": "stats"})).await?;
             if json {
                 println!("{answer}");
             } else {
@@ -207,7 +224,9 @@ async fn dispatch(
             }
         },
         Command::Dead { command } => dead(command).await,
-        Command::Sandbox(args) => zoomq::demo::run_sandbox(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Sandbox(args) => zoomq::demo::run_sandbox(args)
+            .await
+            .map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => zoomq::demo::run_demo(args).await,
     }
 }
@@ -215,7 +234,10 @@ async fn dispatch(
 /// Cancels on SIGTERM or SIGINT.
 async fn cancel_on_signal(cancel: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
@@ -284,7 +306,11 @@ async fn dead(command: DeadCommand) -> anyhow::Result<ExitCode> {
         }
     };
     match command {
-        DeadCommand::List { json, limit, target } => {
+        DeadCommand::List {
+            json,
+            limit,
+            target,
+        } => {
             let mut request = json!({"op": "dead_list"});
             if let Some(limit) = limit {
                 request["limit"] = json!(limit);
@@ -296,7 +322,11 @@ async fn dead(command: DeadCommand) -> anyhow::Result<ExitCode> {
                 print!("{}", zoomq::demo::format_dead_list(&answer));
             }
         }
-        DeadCommand::Retry { job_id, all, target } => {
+        DeadCommand::Retry {
+            job_id,
+            all,
+            target,
+        } => {
             let request = with_selector("dead_retry", job_id, all);
             let answer = zoomq::client::request(&socket_of(&target)?, &request).await?;
             println!(
@@ -304,7 +334,11 @@ async fn dead(command: DeadCommand) -> anyhow::Result<ExitCode> {
                 answer["retried"], answer["superseded"]
             );
         }
-        DeadCommand::Purge { job_id, all, target } => {
+        DeadCommand::Purge {
+            job_id,
+            all,
+            target,
+        } => {
             let request = with_selector("dead_purge", job_id, all);
             let answer = zoomq::client::request(&socket_of(&target)?, &request).await?;
             println!("purged {}", answer["purged"]);

@@ -6,8 +6,8 @@
 //! never takes another module's lock from inside the encoder.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric the daemon exports.
@@ -64,32 +64,42 @@ pub struct Metrics {
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     let metric = IntCounter::new(name, help).expect("valid metric");
-    registry.register(Box::new(metric.clone())).expect("unique metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
     metric
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry.register(Box::new(metric.clone())).expect("unique metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
     metric
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let metric = IntGauge::new(name, help).expect("valid metric");
-    registry.register(Box::new(metric.clone())).expect("unique metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
     metric
 }
 
 fn float_gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Gauge {
     let metric = prometheus::Gauge::new(name, help).expect("valid metric");
-    registry.register(Box::new(metric.clone())).expect("unique metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
     metric
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
     let metric =
         Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid");
-    registry.register(Box::new(metric.clone())).expect("unique metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
     metric
 }
 
@@ -107,48 +117,175 @@ impl Metrics {
         let registry = Registry::new();
         let r = &registry;
         let metrics = Metrics {
-            edits_accepted: counter(r, "zoomq_edits_accepted_total", "Edits acknowledged to producers (durable), including coalesced ones."),
-            edits_coalesced: counter(r, "zoomq_edits_coalesced_total", "Edits merged into a pending edit of the same message."),
-            edits_superseded: counter(r, "zoomq_edits_superseded_total", "Edits dropped unsent because a newer edit of the same message replaced them."),
-            edits_delivered: counter(r, "zoomq_edits_delivered_total", "Edits Zoom accepted (2xx)."),
-            edits_dead_lettered: counter_vec(r, "zoomq_edits_dead_lettered_total", "Edits moved to the dead letters, by reason.", &["reason"]),
-            dead_letters_retried: counter(r, "zoomq_dead_letters_retried_total", "Dead letters put back in the queue by an operator."),
+            edits_accepted: counter(
+                r,
+                "zoomq_edits_accepted_total",
+                "Edits acknowledged to producers (durable), including coalesced ones.",
+            ),
+            edits_coalesced: counter(
+                r,
+                "zoomq_edits_coalesced_total",
+                "Edits merged into a pending edit of the same message.",
+            ),
+            edits_superseded: counter(
+                r,
+                "zoomq_edits_superseded_total",
+                "Edits dropped unsent because a newer edit of the same message replaced them.",
+            ),
+            edits_delivered: counter(
+                r,
+                "zoomq_edits_delivered_total",
+                "Edits Zoom accepted (2xx).",
+            ),
+            edits_dead_lettered: counter_vec(
+                r,
+                "zoomq_edits_dead_lettered_total",
+                "Edits moved to the dead letters, by reason.",
+                &["reason"],
+            ),
+            dead_letters_retried: counter(
+                r,
+                "zoomq_dead_letters_retried_total",
+                "Dead letters put back in the queue by an operator.",
+            ),
             queue_pending: gauge(r, "zoomq_queue_pending", "Edits waiting to be sent."),
             queue_in_flight: gauge(r, "zoomq_queue_in_flight", "Edits being sent to Zoom."),
             queue_dead: gauge(r, "zoomq_queue_dead", "Edits in the dead letters."),
-            queue_oldest_pending_age: float_gauge(r, "zoomq_queue_oldest_pending_age_seconds", "Age of the oldest edit not yet delivered (0 when none)."),
-            zoom_responses: counter_vec(r, "zoomq_zoom_responses_total", "Answers to edit requests, by HTTP status class or network for none.", &["class"]),
-            zoom_rate_limited: counter_vec(r, "zoomq_zoom_rate_limited_total", "429 answers to edit requests, by limit type.", &["type"]),
-            retries: counter(r, "zoomq_retries_total", "Edits scheduled for another attempt after a transient failure."),
-            zoom_request_duration: histogram(r, "zoomq_zoom_request_duration_seconds", "Duration of edit requests to Zoom.", LATENCY_BUCKETS.to_vec()),
-            delivery_latency: histogram(r, "zoomq_delivery_latency_seconds", "Time from an edit's acknowledgement to Zoom accepting it.", DELIVERY_BUCKETS.to_vec()),
-            ack_latency: histogram(r, "zoomq_ack_latency_seconds", "Time from reading an edit request to acknowledging it.", LATENCY_BUCKETS.to_vec()),
-            commit_batch_size: histogram(r, "zoomq_commit_batch_size", "Writes per group commit.", vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0, 16384.0]),
-            commit_duration: histogram(r, "zoomq_commit_duration_seconds", "Duration of a group commit (write, flush, fsync).", LATENCY_BUCKETS.to_vec()),
-            storage_failures: counter(r, "zoomq_storage_failures_total", "Group commits that failed."),
-            storage_size: gauge(r, "zoomq_storage_size_bytes", "Size of the database on disk."),
-            limiter_rate: float_gauge(r, "zoomq_limiter_rate_requests_per_second", "Sum of the request rates the limiters currently allow over active accounts."),
-            accounts_active: gauge(r, "zoomq_accounts_active", "Accounts with limiter state (recently active)."),
-            accounts_paused: gauge(r, "zoomq_accounts_paused", "Accounts paused by a 429 (Retry-After or daily limit)."),
+            queue_oldest_pending_age: float_gauge(
+                r,
+                "zoomq_queue_oldest_pending_age_seconds",
+                "Age of the oldest edit not yet delivered (0 when none).",
+            ),
+            zoom_responses: counter_vec(
+                r,
+                "zoomq_zoom_responses_total",
+                "Answers to edit requests, by HTTP status class or network for none.",
+                &["class"],
+            ),
+            zoom_rate_limited: counter_vec(
+                r,
+                "zoomq_zoom_rate_limited_total",
+                "429 answers to edit requests, by limit type.",
+                &["type"],
+            ),
+            retries: counter(
+                r,
+                "zoomq_retries_total",
+                "Edits scheduled for another attempt after a transient failure.",
+            ),
+            zoom_request_duration: histogram(
+                r,
+                "zoomq_zoom_request_duration_seconds",
+                "Duration of edit requests to Zoom.",
+                LATENCY_BUCKETS.to_vec(),
+            ),
+            delivery_latency: histogram(
+                r,
+                "zoomq_delivery_latency_seconds",
+                "Time from an edit's acknowledgement to Zoom accepting it.",
+                DELIVERY_BUCKETS.to_vec(),
+            ),
+            ack_latency: histogram(
+                r,
+                "zoomq_ack_latency_seconds",
+                "Time from reading an edit request to acknowledging it.",
+                LATENCY_BUCKETS.to_vec(),
+            ),
+            commit_batch_size: histogram(
+                r,
+                "zoomq_commit_batch_size",
+                "Writes per group commit.",
+                vec![
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+                    16384.0,
+                ],
+            ),
+            commit_duration: histogram(
+                r,
+                "zoomq_commit_duration_seconds",
+                "Duration of a group commit (write, flush, fsync).",
+                LATENCY_BUCKETS.to_vec(),
+            ),
+            storage_failures: counter(
+                r,
+                "zoomq_storage_failures_total",
+                "Group commits that failed.",
+            ),
+            storage_size: gauge(
+                r,
+                "zoomq_storage_size_bytes",
+                "Size of the database on disk.",
+            ),
+            limiter_rate: float_gauge(
+                r,
+                "zoomq_limiter_rate_requests_per_second",
+                "Sum of the request rates the limiters currently allow over active accounts.",
+            ),
+            accounts_active: gauge(
+                r,
+                "zoomq_accounts_active",
+                "Accounts with limiter state (recently active).",
+            ),
+            accounts_paused: gauge(
+                r,
+                "zoomq_accounts_paused",
+                "Accounts paused by a 429 (Retry-After or daily limit).",
+            ),
             account_pending: {
                 let m = IntGaugeVec::new(Opts::new("zoomq_account_pending", "Pending edits of the accounts with the largest backlogs (capped by metrics.per_account_series)."), &["account_id"]).expect("valid");
                 r.register(Box::new(m.clone())).expect("unique metric");
                 m
             },
             account_rate: {
-                let m = prometheus::GaugeVec::new(Opts::new("zoomq_account_rate_requests_per_second", "Allowed request rate of the accounts with the largest backlogs."), &["account_id"]).expect("valid");
+                let m = prometheus::GaugeVec::new(
+                    Opts::new(
+                        "zoomq_account_rate_requests_per_second",
+                        "Allowed request rate of the accounts with the largest backlogs.",
+                    ),
+                    &["account_id"],
+                )
+                .expect("valid");
                 r.register(Box::new(m.clone())).expect("unique metric");
                 m
             },
-            token_refreshes: counter(r, "zoomq_token_refreshes_total", "Access tokens obtained from Zoom."),
-            token_failures: counter(r, "zoomq_token_failures_total", "Failed access-token requests."),
-            token_valid: gauge(r, "zoomq_token_valid", "1 while the daemon holds an unexpired access token."),
+            token_refreshes: counter(
+                r,
+                "zoomq_token_refreshes_total",
+                "Access tokens obtained from Zoom.",
+            ),
+            token_failures: counter(
+                r,
+                "zoomq_token_failures_total",
+                "Failed access-token requests.",
+            ),
+            token_valid: gauge(
+                r,
+                "zoomq_token_valid",
+                "1 while the daemon holds an unexpired access token.",
+            ),
             ingest_connections: gauge(r, "zoomq_ingest_connections", "Producer connections open."),
-            ingest_connections_total: counter(r, "zoomq_ingest_connections_total", "Producer connections accepted."),
-            ingest_rejected_connections: counter(r, "zoomq_ingest_rejected_connections_total", "Producer connections refused by the peer-credential check."),
-            protocol_errors: counter_vec(r, "zoomq_protocol_errors_total", "Error answers to producers, by error code.", &["code"]),
+            ingest_connections_total: counter(
+                r,
+                "zoomq_ingest_connections_total",
+                "Producer connections accepted.",
+            ),
+            ingest_rejected_connections: counter(
+                r,
+                "zoomq_ingest_rejected_connections_total",
+                "Producer connections refused by the peer-credential check.",
+            ),
+            protocol_errors: counter_vec(
+                r,
+                "zoomq_protocol_errors_total",
+                "Error answers to producers, by error code.",
+                &["code"],
+            ),
             build_info: {
-                let m = IntGaugeVec::new(Opts::new("zoomq_build_info", "Build information; always 1."), &["version"]).expect("valid");
+                let m = IntGaugeVec::new(
+                    Opts::new("zoomq_build_info", "Build information; always 1."),
+                    &["version"],
+                )
+                .expect("valid");
                 r.register(Box::new(m.clone())).expect("unique metric");
                 m
             },

@@ -223,6 +223,15 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
     if text.trim().is_empty() {
         return Err(ProtocolError::bad("empty line: expected a JSON object"));
     }
+    if !text.trim_start().starts_with('{') {
+        // serde would happily read a struct from an array; say what is wrong instead.
+        return Err(ProtocolError::bad(
+            match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                Ok(_) => "expected a JSON object (one request per line)".to_string(),
+                Err(e) => format!("invalid JSON: {e}"),
+            },
+        ));
+    }
     let raw: RawRequest<'_> = serde_json::from_str(text).map_err(|e| {
         let what = if e.is_data() {
             // deny_unknown_fields and "expected struct" errors.
@@ -345,8 +354,8 @@ fn excerpt(value: &RawValue) -> String {
 }
 
 fn required_string(value: Option<&RawValue>, field: &str) -> Result<String, ProtocolError> {
-    let value = optional(value)
-        .ok_or_else(|| ProtocolError::bad(format!("field `{field}` is missing")))?;
+    let value =
+        optional(value).ok_or_else(|| ProtocolError::bad(format!("field `{field}` is missing")))?;
     serde_json::from_str::<String>(value.get()).map_err(|_| {
         ProtocolError::bad(format!(
             "field `{field}`: expected a string, got {}",
@@ -382,8 +391,7 @@ fn identifier(
 }
 
 fn content(value: Option<&RawValue>) -> Result<Box<RawValue>, ProtocolError> {
-    let value = optional(value)
-        .ok_or_else(|| ProtocolError::bad("field `content` is missing"))?;
+    let value = optional(value).ok_or_else(|| ProtocolError::bad("field `content` is missing"))?;
     let text = value.get();
     // RawValue is already valid JSON with no surrounding whitespace, so an object starts
     // with `{` and is empty exactly when only whitespace stands before its `}`.
@@ -469,12 +477,15 @@ mod tests {
         assert!(err(&GOOD.replace("\"m1\"", &long)).contains("at most 256"));
         assert!(err(&GOOD.replace(r#"{"head":{"text":"hi"}}"#, "{ }")).contains("empty"));
         assert!(err(&GOOD.replace(r#"{"head":{"text":"hi"}}"#, "[1]")).contains("JSON object"));
-        assert!(err(&GOOD.replace(",\"account_id\":\"a1\"", "")).contains("`account_id` is missing"));
+        assert!(
+            err(&GOOD.replace(",\"account_id\":\"a1\"", "")).contains("`account_id` is missing")
+        );
         assert!(err(&GOOD.replace("}}}", "}},\"colour\":1}")).contains("unknown field `colour`"));
         assert!(err(r#"{"op":"fly"}"#).contains("unknown operation"));
         assert!(err(r#"{"op":"ping","message_id":"x"}"#).contains("not allowed"));
         assert!(err("{\"op\":").contains("invalid JSON"));
-        assert!(err("[]").contains("expected struct") || err("[]").contains("invalid type"));
+        assert!(err("[]").contains("expected a JSON object"));
+        assert!(err("nope").contains("invalid JSON"));
     }
 
     #[test]

@@ -42,8 +42,14 @@ mod tests {
 
     #[test]
     fn next_midnight() {
-        assert_eq!(until_next_midnight(at(MIDNIGHT - 1)), Duration::from_secs(1));
-        assert_eq!(until_next_midnight(at(MIDNIGHT)), Duration::from_secs(86_400));
+        assert_eq!(
+            until_next_midnight(at(MIDNIGHT - 1)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            until_next_midnight(at(MIDNIGHT)),
+            Duration::from_secs(86_400)
+        );
         let late = at(MIDNIGHT + 86_399) + Duration::from_millis(250);
         assert_eq!(until_next_midnight(late), Duration::from_millis(750));
     }

@@ -29,6 +29,7 @@
 mod state;
 mod store;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -118,8 +119,8 @@ struct Shared {
     core: Mutex<Core>,
     /// Signals the writer thread that `core.batch` has writes, or that the queue is closing.
     writer_wake: Condvar,
-    /// Signals `close` that the writer thread has committed everything and stopped.
-    writer_done: Condvar,
+    /// The writer thread, joined by `close` once it has committed everything.
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     store: Store,
     max_pending: u64,
     metrics: Arc<Metrics>,
@@ -132,6 +133,15 @@ struct Shared {
     dead_ops: tokio::sync::Mutex<()>,
 }
 
+/// The newest uncommitted versions of one job's records.
+#[derive(Default)]
+struct Overlay {
+    header: Option<JobHeader>,
+    content: Option<(u64, Arc<Vec<u8>>)>,
+    /// The batch that holds the newest of these writes.
+    batch_gen: u64,
+}
+
 struct Core {
     state: State,
     dead: u64,
@@ -139,10 +149,14 @@ struct Core {
     batch: Vec<Op>,
     /// Whoever waits for the writes in `batch` to be durable.
     waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    /// Headers and contents written to `batch` but not yet committed, so that a claim never
+    /// reads an older version from sled than the index promised (see [`Core::write_header`]).
+    overlay: HashMap<u64, Overlay>,
+    /// Number of the batch now accumulating; the writer bumps it when it takes the batch.
+    batch_gen: u64,
     /// The last commit's error, while commits are failing.
     failure: Option<String>,
     closing: bool,
-    writer_stopped: bool,
 }
 
 /// What recovery found on disk.
@@ -203,12 +217,13 @@ impl Queue {
                 dead,
                 batch,
                 waiters: Vec::new(),
+                overlay: HashMap::new(),
+                batch_gen: 0,
                 failure: None,
                 closing: false,
-                writer_stopped: false,
             }),
             writer_wake: Condvar::new(),
-            writer_done: Condvar::new(),
+            writer: Mutex::new(None),
             store,
             max_pending: config.max_pending,
             metrics,
@@ -217,10 +232,11 @@ impl Queue {
             dead_ops: tokio::sync::Mutex::new(()),
         });
         let writer_shared = shared.clone();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("zoomq-commit".into())
             .spawn(move || writer_loop(&writer_shared, committer))
             .map_err(StoreError::Io)?;
+        *shared.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(writer);
         Ok((Queue { shared }, ready_rx, recovery))
     }
 
@@ -260,7 +276,7 @@ impl Queue {
                         next_attempt_ms: 0,
                         first_failure_ms: None,
                     };
-                    core.batch.push(put_json(JOB, seq, &header));
+                    core.write_header(seq, header);
                     let next_seq = core.state.next_seq();
                     core.batch.push(put_next_seq(next_seq));
                     (seq, false, announce)
@@ -272,10 +288,14 @@ impl Queue {
                 } => {
                     if moved_from.is_some() {
                         // Rare: the same message under another account. Rewrite its header.
-                        match self.shared.store.header(seq) {
+                        let current = match core.overlay.get(&seq).and_then(|o| o.header.clone()) {
+                            Some(header) => Ok(Some(header)),
+                            None => self.shared.store.header(seq),
+                        };
+                        match current {
                             Ok(Some(mut header)) => {
                                 header.account_id = edit.account_id.clone();
-                                core.batch.push(put_json(JOB, seq, &header));
+                                core.write_header(seq, header);
                             }
                             Ok(None) => {}
                             Err(e) => {
@@ -286,7 +306,7 @@ impl Queue {
                     (seq, true, announce)
                 }
             };
-            core.batch.push(put_content(seq, now, &body));
+            core.write_content(seq, now, body);
             let (tx, rx) = oneshot::channel();
             core.waiters.push(tx);
             if let Some(account) = announce {
@@ -323,17 +343,32 @@ impl Queue {
     /// Claims the oldest ready job of `account`, reading its content from disk.
     /// `Ok(None)` means the account has no ready job (and will be announced again when it has).
     pub fn claim(&self, account: &str) -> Result<Option<Job>, StoreError> {
-        let claim = {
+        let (claim, overlay) = {
             let mut core = self.shared.lock();
-            match core.state.claim(account) {
-                Some(claim) => claim,
-                None => return Ok(None),
-            }
+            let Some(claim) = core.state.claim(account) else {
+                return Ok(None);
+            };
+            // Writes of this job that are not committed yet are newer than what sled has.
+            let overlay = core
+                .overlay
+                .get(&claim.seq)
+                .map(|o| (o.header.clone(), o.content.clone()));
+            (claim, overlay)
         };
-        // The job is in flight now: nothing else writes its records until we finish it.
-        let loaded = self.shared.store.header(claim.seq).and_then(|header| {
-            Ok(header.zip(self.shared.store.content(claim.seq)?))
-        });
+        // The job is in flight now: nothing else writes its records until we finish it, so
+        // whatever the overlay did not have, sled has in its final form.
+        let (header, content) = overlay.unwrap_or_default();
+        let loaded = (|| {
+            let header = match header {
+                Some(header) => Some(header),
+                None => self.shared.store.header(claim.seq)?,
+            };
+            let content = match content {
+                Some((updated_ms, body)) => Some((updated_ms, body.to_vec())),
+                None => self.shared.store.content(claim.seq)?,
+            };
+            Ok::<_, StoreError>(header.zip(content))
+        })();
         match loaded {
             Ok(Some((header, (updated_ms, body)))) => Ok(Some(Job {
                 seq: claim.seq,
@@ -369,9 +404,7 @@ impl Queue {
     /// The job was delivered: forget it.
     pub fn complete(&self, job: &Job) -> Commit {
         let mut core = self.shared.lock();
-        let finished = core
-            .state
-            .finish(&job.header.message_id, job.seq, now_ms());
+        let finished = core.state.finish(&job.header.message_id, job.seq, now_ms());
         core.batch.push(Op::Del(key(JOB, job.seq)));
         core.batch.push(Op::Del(key(CONTENT, job.seq)));
         self.shared.announce(finished.announce);
@@ -392,7 +425,7 @@ impl Queue {
         );
         let superseded = match requeued {
             Some(finished) => {
-                core.batch.push(put_json(JOB, job.seq, &job.header));
+                core.write_header(job.seq, job.header.clone());
                 self.shared.announce(finished.announce);
                 self.shared.timer_changed.notify_one();
                 false
@@ -468,12 +501,18 @@ impl Queue {
                 let (_, announce) =
                     core.state
                         .restore(&header.message_id, &header.account_id, seq, 0, now);
-                core.batch.push(put_json(JOB, seq, &header));
+                core.write_header(seq, header);
                 self.shared.announce(announce);
                 outcome.affected += 1;
             }
-            self.shared.metrics.dead_letters_retried.inc_by(outcome.affected);
-            self.shared.metrics.edits_superseded.inc_by(outcome.superseded);
+            self.shared
+                .metrics
+                .dead_letters_retried
+                .inc_by(outcome.affected);
+            self.shared
+                .metrics
+                .edits_superseded
+                .inc_by(outcome.superseded);
             self.shared.commit_locked(core)
         };
         wait(commit).await?;
@@ -578,16 +617,38 @@ impl Queue {
     /// Stops accepting edits, commits everything outstanding and stops the writer thread.
     /// Blocking; call from a blocking context.
     pub fn close(&self) {
-        let mut core = self.shared.lock();
-        core.closing = true;
+        self.shared.lock().closing = true;
         self.shared.writer_wake.notify_one();
-        while !core.writer_stopped {
-            core = self
-                .shared
-                .writer_done
-                .wait(core)
-                .unwrap_or_else(|e| e.into_inner());
+        let writer = self
+            .shared
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(writer) = writer {
+            // The thread owns the write side of sled; joining it releases the database.
+            if writer.join().is_err() {
+                tracing::error!("the storage writer thread panicked");
+            }
         }
+    }
+}
+
+impl Core {
+    /// Queues a header write and records it in the overlay until it is committed.
+    fn write_header(&mut self, seq: u64, header: JobHeader) {
+        self.batch.push(put_json(JOB, seq, &header));
+        let overlay = self.overlay.entry(seq).or_default();
+        overlay.header = Some(header);
+        overlay.batch_gen = self.batch_gen;
+    }
+
+    /// Queues a content write and records it in the overlay until it is committed.
+    fn write_content(&mut self, seq: u64, updated_ms: u64, body: Vec<u8>) {
+        self.batch.push(put_content(seq, updated_ms, &body));
+        let overlay = self.overlay.entry(seq).or_default();
+        overlay.content = Some((updated_ms, Arc::new(body)));
+        overlay.batch_gen = self.batch_gen;
     }
 }
 
@@ -625,15 +686,13 @@ pub async fn wait(commit: Commit) -> Result<(), String> {
 fn writer_loop(shared: &Shared, mut committer: Committer) {
     let mut failures = 0u32;
     loop {
-        let (ops, waiters) = {
+        let (ops, waiters, taken_gen) = {
             let mut core = shared.lock();
             loop {
                 if !core.batch.is_empty() || !core.waiters.is_empty() {
                     break;
                 }
                 if core.closing {
-                    core.writer_stopped = true;
-                    shared.writer_done.notify_all();
                     return;
                 }
                 core = shared
@@ -641,9 +700,12 @@ fn writer_loop(shared: &Shared, mut committer: Committer) {
                     .wait(core)
                     .unwrap_or_else(|e| e.into_inner());
             }
+            let taken_gen = core.batch_gen;
+            core.batch_gen += 1;
             (
                 std::mem::take(&mut core.batch),
                 std::mem::take(&mut core.waiters),
+                taken_gen,
             )
         };
         let started = Instant::now();
@@ -660,9 +722,15 @@ fn writer_loop(shared: &Shared, mut committer: Committer) {
         shared.metrics.commit_batch_size.observe(n_ops as f64);
         match result {
             Ok(()) => {
-                if failures > 0 {
-                    tracing::info!("storage recovered; commits succeed again");
-                    shared.lock().failure = None;
+                {
+                    let mut core = shared.lock();
+                    // Committed: sled now has these versions. Newer writes (a later batch)
+                    // keep their overlay entries.
+                    core.overlay.retain(|_, o| o.batch_gen > taken_gen);
+                    if failures > 0 {
+                        tracing::info!("storage recovered; commits succeed again");
+                        core.failure = None;
+                    }
                 }
                 failures = 0;
                 for waiter in waiters {

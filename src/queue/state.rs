@@ -46,7 +46,10 @@ struct AccountLine {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placed {
     /// A new pending job; `announce` is set when its account just got ready work.
-    New { seq: u64, announce: Option<Arc<str>> },
+    New {
+        seq: u64,
+        announce: Option<Arc<str>>,
+    },
     /// Merged into the message's pending job `seq`. `moved_from` is the previous account
     /// when the edit names a different one.
     Coalesced {
@@ -117,7 +120,7 @@ impl State {
             all.select_nth_unstable_by(n, |a, b| b.1.cmp(&a.1));
             all.truncate(n);
         }
-        all.sort_by(|a, b| b.1.cmp(&a.1));
+        all.sort_by_key(|entry| std::cmp::Reverse(entry.1));
         all
     }
 
@@ -428,7 +431,11 @@ impl State {
     #[cfg(test)]
     pub fn check(&self) {
         let pending = self.slots.values().filter(|s| s.pending.is_some()).count() as u64;
-        let in_flight = self.slots.values().filter(|s| s.in_flight.is_some()).count() as u64;
+        let in_flight = self
+            .slots
+            .values()
+            .filter(|s| s.in_flight.is_some())
+            .count() as u64;
         assert_eq!(pending, self.pending);
         assert_eq!(in_flight, self.in_flight);
         let ready: usize = self.accounts.values().map(|l| l.ready.len()).sum();
@@ -442,7 +449,11 @@ impl State {
             assert!(slot.pending.is_some() || slot.in_flight.is_some());
         }
         for (account, line) in &self.accounts {
-            let naming = self.slots.values().filter(|s| &s.account == account).count();
+            let naming = self
+                .slots
+                .values()
+                .filter(|s| &s.account == account)
+                .count();
             assert_eq!(line.slots, naming, "slot count of {account}");
             assert!(line.slots > 0);
         }
@@ -459,7 +470,9 @@ mod tests {
         let Placed::New { seq: first, .. } = state.enqueue("m", "a", 0) else {
             panic!()
         };
-        assert!(matches!(state.enqueue("m", "a", 0), Placed::Coalesced { seq, .. } if seq == first));
+        assert!(
+            matches!(state.enqueue("m", "a", 0), Placed::Coalesced { seq, .. } if seq == first)
+        );
         let claim = state.claim("a").unwrap();
         assert_eq!(claim.seq, first);
         // In flight: a new edit is a new pending job, blocked behind the in-flight one.
@@ -495,7 +508,10 @@ mod tests {
         assert_eq!(state.promote_due(1_000), vec![Arc::<str>::from("a")]);
         let claim = state.claim("a").unwrap();
         state.enqueue("m", "a", 0);
-        assert!(state.requeue("m", claim.seq, 5_000, 0).is_none(), "superseded");
+        assert!(
+            state.requeue("m", claim.seq, 5_000, 0).is_none(),
+            "superseded"
+        );
         assert_eq!(state.pending(), 1);
         assert_eq!(state.in_flight(), 0);
         state.check();

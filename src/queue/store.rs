@@ -151,8 +151,6 @@ impl Store {
         let store = Store { db };
         Ok((store, committer))
     }
-
-
 }
 
 impl Committer {
@@ -212,12 +210,12 @@ impl Committer {
 impl Store {
     pub fn next_seq(&self) -> Result<u64, StoreError> {
         Ok(match self.db.get(NEXT_SEQ_KEY)? {
-            Some(value) => u64::from_be_bytes(value.as_ref().try_into().map_err(|_| {
-                StoreError::Corrupt {
+            Some(value) => {
+                u64::from_be_bytes(value.as_ref().try_into().map_err(|_| StoreError::Corrupt {
                     key: "next_seq".into(),
                     detail: "not 8 bytes".into(),
-                }
-            })?),
+                })?)
+            }
             None => 1,
         })
     }

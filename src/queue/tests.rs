@@ -25,7 +25,10 @@ fn open(dir: &std::path::Path) -> (Queue, mpsc::UnboundedReceiver<Arc<str>>, Rec
 
 fn text_of(job: &Job) -> String {
     let body: serde_json::Value = serde_json::from_slice(&job.body).unwrap();
-    body["content"]["head"]["text"].as_str().unwrap().to_string()
+    body["content"]["head"]["text"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 #[tokio::test]
@@ -35,7 +38,13 @@ async fn coalesces_pending_and_serializes_in_flight() {
     let first = queue.enqueue(&edit("m1", "a", "v1")).await.unwrap();
     assert!(!first.coalesced);
     let again = queue.enqueue(&edit("m1", "a", "v2")).await.unwrap();
-    assert_eq!(again, Enqueued { job_id: first.job_id, coalesced: true });
+    assert_eq!(
+        again,
+        Enqueued {
+            job_id: first.job_id,
+            coalesced: true
+        }
+    );
     assert_eq!(&*ready.recv().await.unwrap(), "a");
     assert_eq!(queue.stats().pending, 1);
 
@@ -45,7 +54,10 @@ async fn coalesces_pending_and_serializes_in_flight() {
     let newer = queue.enqueue(&edit("m1", "a", "v3")).await.unwrap();
     assert!(!newer.coalesced);
     assert!(newer.job_id > job.seq);
-    assert!(queue.claim("a").unwrap().is_none(), "never two in flight for one message");
+    assert!(
+        queue.claim("a").unwrap().is_none(),
+        "never two in flight for one message"
+    );
     wait(queue.complete(&job)).await.unwrap();
     let next = queue.claim("a").unwrap().unwrap();
     assert_eq!(text_of(&next), "v3");
@@ -66,7 +78,9 @@ async fn restart_recovers_pending_and_in_flight_keeping_newest() {
         queue.enqueue(&edit("m1", "a", "new")).await.unwrap();
         // Crash with m1's old edit in flight and its newer edit pending.
         drop(job);
-        tokio::task::spawn_blocking(move || queue.close()).await.unwrap();
+        tokio::task::spawn_blocking(move || queue.close())
+            .await
+            .unwrap();
     }
     let (queue, _ready, recovery) = open(dir.path());
     assert_eq!(recovery.pending, 2);
@@ -91,13 +105,23 @@ async fn retry_state_and_dead_letters_survive_restart() {
         assert!(!superseded);
         wait(commit).await.unwrap();
         let job2 = queue.claim("a").unwrap().unwrap();
-        let info = DeadInfo { reason: "rejected", status: Some(404), zoom_code: Some(8001), detail: "Invalid message_id value.".into() };
+        let info = DeadInfo {
+            reason: "rejected",
+            status: Some(404),
+            zoom_code: Some(8001),
+            detail: "Invalid message_id value.".into(),
+        };
         wait(queue.dead_letter(&job2, info)).await.unwrap();
-        tokio::task::spawn_blocking(move || queue.close()).await.unwrap();
+        tokio::task::spawn_blocking(move || queue.close())
+            .await
+            .unwrap();
     }
     let (queue, _ready, recovery) = open(dir.path());
     assert_eq!((recovery.pending, recovery.dead), (1, 1));
-    assert!(queue.claim("a").unwrap().is_none(), "still waiting for its retry time");
+    assert!(
+        queue.claim("a").unwrap().is_none(),
+        "still waiting for its retry time"
+    );
     assert_eq!(queue.next_due_ms(), Some(due));
     let dead = queue.dead_list(None).unwrap();
     assert_eq!(dead.len(), 1);
@@ -118,11 +142,22 @@ async fn dead_retry_is_superseded_by_pending_edit() {
     let (queue, _ready, _) = open(dir.path());
     queue.enqueue(&edit("m1", "a", "x")).await.unwrap();
     let job = queue.claim("a").unwrap().unwrap();
-    let info = DeadInfo { reason: "rejected", status: Some(400), zoom_code: Some(7001), detail: "bad".into() };
+    let info = DeadInfo {
+        reason: "rejected",
+        status: Some(400),
+        zoom_code: Some(7001),
+        detail: "bad".into(),
+    };
     wait(queue.dead_letter(&job, info)).await.unwrap();
     queue.enqueue(&edit("m1", "a", "newer")).await.unwrap();
     let outcome = queue.dead_retry(&Selector::One(job.seq)).await.unwrap();
-    assert_eq!(outcome, DeadOutcome { affected: 0, superseded: 1 });
+    assert_eq!(
+        outcome,
+        DeadOutcome {
+            affected: 0,
+            superseded: 1
+        }
+    );
     assert_eq!(text_of(&queue.claim("a").unwrap().unwrap()), "newer");
     assert!(queue.dead_retry(&Selector::One(job.seq)).await.is_err());
 }
@@ -139,6 +174,15 @@ async fn queue_full_refuses_new_messages_but_coalesces() {
     let (queue, _ready, _) = Queue::open(&config, Arc::new(Metrics::new())).unwrap();
     queue.enqueue(&edit("m1", "a", "x")).await.unwrap();
     queue.enqueue(&edit("m2", "a", "x")).await.unwrap();
-    assert_eq!(queue.enqueue(&edit("m3", "a", "x")).await, Err(EnqueueError::Full(2)));
-    assert!(queue.enqueue(&edit("m1", "a", "y")).await.unwrap().coalesced);
+    assert_eq!(
+        queue.enqueue(&edit("m3", "a", "x")).await,
+        Err(EnqueueError::Full(2))
+    );
+    assert!(
+        queue
+            .enqueue(&edit("m1", "a", "y"))
+            .await
+            .unwrap()
+            .coalesced
+    );
 }

@@ -1,0 +1,652 @@
+//! Durable-enqueue benchmark (BENCHMARKS.md, "Durable enqueue"): how many edits per second zoomq
+//! acknowledges, and how long an acknowledgement takes, when every answer waits for an fsync.
+//!
+//! The executable plays two roles:
+//! - by default the *server*: it starts the sandbox Zoom and the real daemon ([`zoomq::run`], the
+//!   code `zoomq serve` runs, with release defaults and `metrics.listen = ""`) on one tokio
+//!   multi-thread runtime, as `zoomq serve` does, with a fresh data directory per scenario. It
+//!   runs each scenario's load generator as a child process (this executable again, with
+//!   `--client`), so producers and daemon share the machine's cores but no runtime or thread.
+//! - with `--client`, the *load generator*: `--connections` connections on a current-thread
+//!   runtime, each keeping `--window` requests outstanding, printing one JSON line of results.
+//!
+//! The sandbox's token endpoint is told to take an hour, so the dispatcher never obtains a token
+//! and sends nothing: the figures are intake only (read, parse, index, group commit, fsync,
+//! answer). Every edit names a distinct message, so nothing coalesces, and carries a `content`
+//! object of exactly 1024 bytes of JSON.
+//!
+//! Measuring: the load runs `--warmup` seconds before the measured `--seconds`. The rate counts
+//! answers read inside the measured interval; latency (from just before a request is written to
+//! when its answer line has been read) is recorded for requests sent inside it, including those
+//! whose answers arrive while the connection drains after it. Percentiles are nearest-rank over
+//! every sample, in microseconds.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use zoomq::config::Config;
+use zoomq::sandbox::{Sandbox, SandboxConfig};
+
+/// Size of every edit's `content` object, serialized.
+const CONTENT_BYTES: usize = 1024;
+
+#[derive(Debug, Clone, Parser)]
+#[command(about = "zoomq durable-enqueue benchmark (see BENCHMARKS.md)")]
+struct Args {
+    /// Measured seconds of each multi-connection run.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Outstanding requests per connection in the pipelined run.
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+    /// Connections of the multi-connection runs.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Measured seconds of the one-connection, one-at-a-time run.
+    #[arg(long, default_value_t = 5.0)]
+    single_seconds: f64,
+    /// Seconds of load before measuring starts, in every run.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Parent of the daemon's per-run data directories (default: the system's temp dir). Put it
+    /// on the filesystem you want to measure.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Runs to do, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "pipelined,window1,single"
+    )]
+    runs: Vec<RunKind>,
+    /// Internal: be the load generator for the daemon at --socket.
+    #[arg(long, hide = true)]
+    client: bool,
+    #[arg(long, hide = true)]
+    socket: Option<PathBuf>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RunKind {
+    /// `--connections` connections, `--window` outstanding requests each.
+    Pipelined,
+    /// `--connections` connections, one outstanding request each (as redis-benchmark -P 1).
+    Window1,
+    /// One connection: send, wait for the answer, repeat.
+    Single,
+}
+
+/// One run's load, as the server asks the client for it.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    kind: RunKind,
+    connections: usize,
+    window: usize,
+    seconds: f64,
+}
+
+/// What the load generator measured; printed by the client as one JSON line.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct LoadReport {
+    /// Acknowledged edits whose answer was read inside the measured interval.
+    acked_measured: u64,
+    /// Acknowledged edits over the whole run, warm-up and drain included.
+    acked_total: u64,
+    rate: f64,
+    samples: usize,
+    p50_us: u32,
+    p90_us: u32,
+    p99_us: u32,
+    max_us: u32,
+    /// Answers other than `ok:true`, and the first of them.
+    errors: u64,
+    first_error: Option<String>,
+    /// `coalesced:true` answers; must be 0 since every message id is distinct.
+    coalesced: u64,
+    /// CPU time (user + system) of the client process.
+    cpu_seconds: f64,
+}
+
+/// A run's figures as the server reports them.
+#[derive(Debug, Clone, Serialize)]
+struct RunReport {
+    run: &'static str,
+    connections: usize,
+    window: usize,
+    seconds: f64,
+    warmup_seconds: f64,
+    #[serde(flatten)]
+    load: LoadReport,
+    /// CPU time of the server process (daemon and idle sandbox) during the run.
+    daemon_cpu_seconds: f64,
+    /// `accepted` from the daemon's `stats` after the run.
+    daemon_accepted: u64,
+    /// Size of the data directory after the run.
+    disk_bytes: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    if args.client {
+        // The client stays on one thread so it takes as little CPU from the daemon as it can.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let report = runtime.block_on(client(&args))?;
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(server(args))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server: sandbox, daemon, one child load generator per run.
+
+async fn server(args: Args) -> anyhow::Result<()> {
+    let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    check_request_shape()?;
+    let probe = tokio::task::block_in_place(|| fsync_probe(&parent))?;
+
+    let sandbox = Sandbox::start(SandboxConfig::default())
+        .await
+        .context("cannot start the sandbox")?;
+    // An hour per token: the dispatcher never gets one, so it never sends; intake only.
+    sandbox.set_token_delay(Duration::from_secs(3600));
+
+    println!("zoomq durable enqueue: intake only (the sandbox withholds OAuth tokens, so the dispatcher sends nothing)");
+    println!(
+        "  each edit: distinct message id, {CONTENT_BYTES}-byte JSON content, {} bytes per request line",
+        request_line(0, 0).len()
+    );
+    println!(
+        "  daemon + sandbox: this process, tokio multi-thread runtime ({} workers); load generator: child process, current-thread runtime",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "  data dirs under {} (a fresh one per run); warm-up {} s before each measured interval",
+        parent.display(),
+        args.warmup
+    );
+    println!(
+        "  disk probe (4 KiB append + fdatasync, {} times): p50 {} us, p99 {} us",
+        probe.len(),
+        percentile(&probe, 50.0),
+        percentile(&probe, 99.0)
+    );
+
+    let mut reports = Vec::new();
+    for kind in &args.runs {
+        let load = match kind {
+            RunKind::Pipelined => Load {
+                kind: *kind,
+                connections: args.connections,
+                window: args.window,
+                seconds: args.seconds,
+            },
+            RunKind::Window1 => Load {
+                kind: *kind,
+                connections: args.connections,
+                window: 1,
+                seconds: args.seconds,
+            },
+            RunKind::Single => Load {
+                kind: *kind,
+                connections: 1,
+                window: 1,
+                seconds: args.single_seconds,
+            },
+        };
+        print!("  running {} ...", run_name(load.kind));
+        std::io::stdout().flush().ok();
+        let report = run_once(&sandbox, &parent, &args, load).await?;
+        println!(" {:.0} acked edits/s", report.load.rate);
+        reports.push(report);
+    }
+    sandbox.shutdown().await;
+
+    println!();
+    print_table(&reports);
+    print_targets(&reports);
+    let line = json!({
+        "bench": "enqueue",
+        "content_bytes": CONTENT_BYTES,
+        "line_bytes": request_line(0, 0).len(),
+        "warmup_seconds": args.warmup,
+        "dir": parent,
+        "fsync_probe": {
+            "p50_us": percentile(&probe, 50.0),
+            "p99_us": percentile(&probe, 99.0),
+        },
+        "runs": reports,
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// Starts a daemon on a fresh directory, runs one child load generator against it, stops it.
+async fn run_once(
+    sandbox: &Sandbox,
+    parent: &Path,
+    args: &Args,
+    load: Load,
+) -> anyhow::Result<RunReport> {
+    let dir = tempfile::Builder::new()
+        .prefix("zoomq-bench-")
+        .tempdir_in(parent)
+        .context("cannot create the run's directory")?;
+    let mut config = Config::default();
+    config.socket.path = dir.path().join("zoomq.sock");
+    config.storage.path = dir.path().join("data");
+    config.zoom.api_base = sandbox.api_base();
+    config.zoom.token_url = sandbox.token_url();
+    config.zoom.client_id = "sandbox-client".into();
+    config.set_client_secret("sandbox-secret");
+    config.metrics.listen = String::new();
+    config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let socket = config.socket.path.clone();
+    let data = config.storage.path.clone();
+    let listener = zoomq::bind_socket(&config.socket)?;
+    let cancel = CancellationToken::new();
+    let daemon = tokio::spawn(zoomq::run(config, listener, cancel.clone()));
+    // The daemon accepts only once its queue is open; a ping waits for that.
+    zoomq::client::request(&socket, &json!({"op": "ping"}))
+        .await
+        .context("the daemon did not answer a ping")?;
+
+    let cpu_before = process_cpu_seconds();
+    let output = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("--client")
+        .arg("--socket")
+        .arg(&socket)
+        .arg(format!("--connections={}", load.connections))
+        .arg(format!("--window={}", load.window))
+        .arg(format!("--seconds={}", load.seconds))
+        .arg(format!("--warmup={}", args.warmup))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await
+        .context("cannot run the load generator")?;
+    let daemon_cpu_seconds = process_cpu_seconds() - cpu_before;
+    anyhow::ensure!(
+        output.status.success(),
+        "the load generator failed ({})",
+        output.status
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let report: LoadReport = serde_json::from_str(last)
+        .with_context(|| format!("the load generator printed {stdout:?}"))?;
+
+    let stats = zoomq::client::request(&socket, &json!({"op": "stats"})).await?;
+    cancel.cancel();
+    daemon.await??;
+    let disk_bytes = tokio::task::block_in_place(|| dir_size(&data));
+    Ok(RunReport {
+        run: run_name(load.kind),
+        connections: load.connections,
+        window: load.window,
+        seconds: load.seconds,
+        warmup_seconds: args.warmup,
+        load: report,
+        daemon_cpu_seconds,
+        daemon_accepted: stats["accepted"].as_u64().unwrap_or(0),
+        disk_bytes,
+    })
+}
+
+fn run_name(kind: RunKind) -> &'static str {
+    match kind {
+        RunKind::Pipelined => "pipelined",
+        RunKind::Window1 => "window1",
+        RunKind::Single => "single",
+    }
+}
+
+fn print_table(reports: &[RunReport]) {
+    println!(
+        "{:<10} {:>5} {:>6} {:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>6} {:>8} {:>8} {:>8}",
+        "run",
+        "conns",
+        "window",
+        "secs",
+        "acked/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "errors",
+        "srv cpu",
+        "cli cpu",
+        "disk MiB"
+    );
+    let ms = |us: u32| f64::from(us) / 1000.0;
+    for r in reports {
+        // CPU as cores busy over the run (warm-up and drain are in both numbers).
+        let wall = r.seconds + r.warmup_seconds;
+        println!(
+            "{:<10} {:>5} {:>6} {:>5} {:>10.0} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>6} {:>8.2} {:>8.2} {:>8.1}",
+            r.run,
+            r.connections,
+            r.window,
+            r.seconds,
+            r.load.rate,
+            ms(r.load.p50_us),
+            ms(r.load.p90_us),
+            ms(r.load.p99_us),
+            ms(r.load.max_us),
+            r.load.errors,
+            r.daemon_cpu_seconds / wall,
+            r.load.cpu_seconds / wall,
+            r.disk_bytes as f64 / (1024.0 * 1024.0),
+        );
+        if let Some(error) = &r.load.first_error {
+            println!("           first error: {error}");
+        }
+        if r.load.coalesced > 0 {
+            println!("           WARNING: {} edits coalesced", r.load.coalesced);
+        }
+    }
+    println!("(srv cpu / cli cpu: cores kept busy by the daemon's process / the load generator, warm-up included)");
+}
+
+fn print_targets(reports: &[RunReport]) {
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    if let Some(r) = reports.iter().find(|r| r.run == "pipelined") {
+        println!(
+            "target >= 50,000 acked edits/s ({} connections): {:.0}/s, {}",
+            r.connections,
+            r.load.rate,
+            verdict(r.load.rate >= 50_000.0)
+        );
+        println!(
+            "target p99 ack latency < 5 ms: {:.3} ms, {}",
+            f64::from(r.load.p99_us) / 1000.0,
+            verdict(r.load.p99_us < 5000)
+        );
+    }
+    if let Some(r) = reports.iter().find(|r| r.run == "single") {
+        println!(
+            "target single-connection p50 < 0.5 ms: {:.3} ms, {}",
+            f64::from(r.load.p50_us) / 1000.0,
+            verdict(r.load.p50_us < 500)
+        );
+    }
+}
+
+/// Latencies of appending 4 KiB to a file and `fdatasync`ing it: the floor under any durable
+/// acknowledgement on this filesystem.
+fn fsync_probe(parent: &Path) -> anyhow::Result<Vec<u32>> {
+    let dir = tempfile::Builder::new()
+        .prefix("zoomq-bench-probe-")
+        .tempdir_in(parent)?;
+    let mut file = std::fs::File::create(dir.path().join("probe"))?;
+    let block = vec![b'x'; 4096];
+    let mut latencies = Vec::with_capacity(200);
+    for _ in 0..200 {
+        let started = Instant::now();
+        file.write_all(&block)?;
+        file.sync_data()?;
+        latencies.push(micros(started.elapsed()));
+    }
+    latencies.sort_unstable();
+    Ok(latencies)
+}
+
+/// User + system CPU time of this process, from `/proc/self/stat` (in clock ticks, which are
+/// 1/100 s on every Linux architecture we run on).
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which may contain spaces) start at field 3, `state`;
+    // utime and stime are fields 14 and 15.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => dir_size(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client: the load generator.
+
+/// The measured interval, shared by every connection of a run.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    measure_from: Instant,
+    until: Instant,
+}
+
+/// One connection's results.
+#[derive(Debug, Default)]
+struct ConnReport {
+    latencies_us: Vec<u32>,
+    acked_measured: u64,
+    acked_total: u64,
+    errors: u64,
+    first_error: Option<String>,
+    coalesced: u64,
+}
+
+async fn client(args: &Args) -> anyhow::Result<LoadReport> {
+    let socket = args.socket.as_ref().context("--client needs --socket")?;
+    anyhow::ensure!(args.connections >= 1 && args.window >= 1);
+    let mut streams = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        streams.push(
+            UnixStream::connect(socket)
+                .await
+                .with_context(|| format!("cannot connect to {}", socket.display()))?,
+        );
+    }
+    // Everyone starts together, once all connections are up.
+    let started = Instant::now();
+    let measure_from = started + Duration::from_secs_f64(args.warmup);
+    let clock = Clock {
+        measure_from,
+        until: measure_from + Duration::from_secs_f64(args.seconds),
+    };
+    let mut tasks = Vec::with_capacity(streams.len());
+    for (conn, stream) in streams.into_iter().enumerate() {
+        tasks.push(tokio::spawn(drive(conn, stream, args.window, clock)));
+    }
+    let mut total = ConnReport::default();
+    for task in tasks {
+        let conn = task.await??;
+        total.latencies_us.extend(conn.latencies_us);
+        total.acked_measured += conn.acked_measured;
+        total.acked_total += conn.acked_total;
+        total.errors += conn.errors;
+        total.coalesced += conn.coalesced;
+        if total.first_error.is_none() {
+            total.first_error = conn.first_error;
+        }
+    }
+    let mut latencies = total.latencies_us;
+    latencies.sort_unstable();
+    Ok(LoadReport {
+        acked_measured: total.acked_measured,
+        acked_total: total.acked_total,
+        rate: total.acked_measured as f64 / args.seconds,
+        samples: latencies.len(),
+        p50_us: percentile(&latencies, 50.0),
+        p90_us: percentile(&latencies, 90.0),
+        p99_us: percentile(&latencies, 99.0),
+        max_us: latencies.last().copied().unwrap_or(0),
+        errors: total.errors,
+        first_error: total.first_error,
+        coalesced: total.coalesced,
+        cpu_seconds: process_cpu_seconds(),
+    })
+}
+
+/// Drives one connection: the writer keeps up to `window` requests outstanding and writes every
+/// free slot's request in one `write`; the reader matches answers (which come in order) to
+/// their send times, which the writer queues *before* writing so the reader never waits for one.
+async fn drive(
+    conn: usize,
+    stream: UnixStream,
+    window: usize,
+    clock: Clock,
+) -> anyhow::Result<ConnReport> {
+    let (reader, mut writer) = stream.into_split();
+    let slots = Semaphore::new(window);
+    let (sent_tx, mut sent_rx) = mpsc::unbounded_channel::<Instant>();
+
+    let write_side = async {
+        let mut seq = 0u64;
+        let mut batch = Vec::with_capacity(window * (request_line(0, 0).len() + 16));
+        loop {
+            slots.acquire().await?.forget();
+            let extra = slots.available_permits();
+            if extra > 0 {
+                slots.try_acquire_many(extra as u32)?.forget();
+            }
+            let sent_at = Instant::now();
+            if sent_at >= clock.until {
+                break;
+            }
+            batch.clear();
+            for _ in 0..=extra {
+                push_request(&mut batch, conn, seq);
+                seq += 1;
+                let _ = sent_tx.send(sent_at);
+            }
+            writer.write_all(&batch).await?;
+        }
+        // Closing the channel tells the reader to stop after the outstanding answers.
+        drop(sent_tx);
+        anyhow::Ok(())
+    };
+
+    let read_side = async {
+        let mut report = ConnReport::default();
+        let mut answers = BufReader::with_capacity(64 * 1024, reader);
+        let mut line = Vec::with_capacity(256);
+        while let Some(sent_at) = sent_rx.recv().await {
+            line.clear();
+            if answers.read_until(b'\n', &mut line).await? == 0 {
+                anyhow::bail!("the daemon closed connection {conn}");
+            }
+            let now = Instant::now();
+            slots.add_permits(1);
+            if line.starts_with(b"{\"ok\":true") {
+                report.acked_total += 1;
+                if now >= clock.measure_from && now < clock.until {
+                    report.acked_measured += 1;
+                }
+                if sent_at >= clock.measure_from {
+                    report.latencies_us.push(micros(now - sent_at));
+                }
+                if memchr_str(&line, b"\"coalesced\":true") {
+                    report.coalesced += 1;
+                }
+            } else {
+                report.errors += 1;
+                if report.first_error.is_none() {
+                    report.first_error = Some(String::from_utf8_lossy(&line).trim().to_string());
+                }
+            }
+        }
+        anyhow::Ok(report)
+    };
+
+    let ((), report) = tokio::try_join!(write_side, read_side)?;
+    Ok(report)
+}
+
+/// The request line of edit `seq` of connection `conn`.
+fn request_line(conn: usize, seq: u64) -> Vec<u8> {
+    let mut line = Vec::new();
+    push_request(&mut line, conn, seq);
+    line
+}
+
+/// Appends one edit request: a message id of its own and a `content` of exactly
+/// [`CONTENT_BYTES`] bytes. Every piece is plain ASCII needing no JSON escaping.
+fn push_request(out: &mut Vec<u8>, conn: usize, seq: u64) {
+    const HEAD: &str = r#"{"head":{"text":"Build status"},"body":[{"type":"message","text":""#;
+    const TAIL: &str = r#""}]}"#;
+    const FILLER: &[u8] = b"step 3 of 7 done, all checks green; ";
+    write!(
+        out,
+        r#"{{"op":"edit","message_id":"bench-{conn}-{seq}","account_id":"bench-account","robot_jid":"bench-bot@xmpp.zoom.us","content":{HEAD}"#
+    )
+    .expect("writing to a Vec");
+    let text_len = CONTENT_BYTES - HEAD.len() - TAIL.len();
+    out.extend(FILLER.iter().cycle().take(text_len));
+    out.extend_from_slice(TAIL.as_bytes());
+    out.extend_from_slice(b"}\n");
+}
+
+/// Checks once that a request line is valid JSON with a content of [`CONTENT_BYTES`] bytes.
+fn check_request_shape() -> anyhow::Result<()> {
+    let line = request_line(3, 17);
+    let value: serde_json::Value = serde_json::from_slice(&line)?;
+    anyhow::ensure!(value["message_id"] == "bench-3-17" && line.ends_with(b"}\n"));
+    let content = value["content"].to_string().len();
+    anyhow::ensure!(content == CONTENT_BYTES, "content is {content} bytes");
+    Ok(())
+}
+
+fn memchr_str(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn micros(elapsed: Duration) -> u32 {
+    u32::try_from(elapsed.as_micros()).unwrap_or(u32::MAX)
+}
+
+/// Nearest-rank percentile of sorted samples; 0 when there are none.
+fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}

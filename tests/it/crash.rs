@@ -1,0 +1,177 @@
+//! Crash safety: SIGKILL the real daemon at random moments while producers write and the
+//! dispatcher delivers, restart it, and check that nothing acknowledged is ever lost.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use zoomq::sandbox::{Faults, SandboxConfig};
+
+use crate::helpers::{edit, sandbox, shown, Client, TestDaemon, Tweaks};
+
+fn failing() -> Faults {
+    Faults {
+        error_5xx: 1.0,
+        ..Faults::default()
+    }
+}
+
+#[tokio::test]
+async fn an_acknowledged_edit_survives_sigkill() {
+    let zoom = sandbox(SandboxConfig {
+        faults: failing(),
+        ..SandboxConfig::default()
+    })
+    .await;
+    let mut daemon = TestDaemon::start(&zoom, Tweaks::default()).await;
+    let answer = daemon
+        .client()
+        .await
+        .call(&edit("survivor", "a", "kept"))
+        .await;
+    assert_eq!(answer["ok"], true);
+    daemon.kill();
+    daemon.spawn().await;
+    let stats = daemon.stats().await;
+    assert_eq!(
+        stats["pending"].as_u64().unwrap() + stats["in_flight"].as_u64().unwrap(),
+        1,
+        "{stats}"
+    );
+    zoom.set_faults(Faults::default());
+    daemon.drained(Duration::from_secs(20)).await;
+    assert_eq!(shown(&zoom, "survivor").as_deref(), Some("kept"));
+}
+
+/// Per message, the highest edit number acknowledged to its producer.
+type Acked = Arc<Mutex<HashMap<String, u64>>>;
+
+/// A producer that owns `messages` message ids and edits them round-robin with increasing
+/// numbers, pipelining up to `depth` requests, reconnecting whenever the daemon goes away.
+async fn producer(
+    socket: std::path::PathBuf,
+    id: usize,
+    messages: usize,
+    acked: Acked,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut n = 0u64;
+    while !stop.is_cancelled() {
+        let Ok(mut client) = Client::connect(&socket).await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        // Send a window of edits, then read their answers.
+        let mut sent = Vec::new();
+        let mut failed = false;
+        for _ in 0..16 {
+            n += 1;
+            let message = format!("p{id}-m{}", n % messages as u64);
+            let mut line =
+                serde_json::to_vec(&edit(&message, &format!("acct{}", id % 3), &n.to_string()))
+                    .unwrap();
+            line.push(b'\n');
+            if tokio::io::AsyncWriteExt::write_all(&mut client.writer, &line)
+                .await
+                .is_err()
+            {
+                failed = true;
+                break;
+            }
+            sent.push((message, n));
+        }
+        for (message, number) in sent {
+            if failed {
+                break;
+            }
+            match client.try_answer().await {
+                Some(answer) if answer["ok"] == true => {
+                    let mut acked = acked.lock().unwrap();
+                    let entry = acked.entry(message).or_insert(0);
+                    *entry = (*entry).max(number);
+                }
+                Some(answer) => {
+                    // Refusals are allowed (e.g. shutting down); they are not acknowledgements.
+                    assert_eq!(answer["ok"], false);
+                }
+                None => failed = true,
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn random_sigkills_under_load_lose_nothing_acknowledged() {
+    let kills: usize = std::env::var("ZOOMQ_CRASH_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let zoom = sandbox(SandboxConfig {
+        faults: Faults {
+            error_5xx: 0.2,
+            ..Faults::default()
+        },
+        default_plan: zoomq::plan::Plan::Business,
+        ..SandboxConfig::default()
+    })
+    .await;
+    let mut daemon = TestDaemon::start(&zoom, Tweaks::default()).await;
+    let acked: Acked = Arc::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let producers: Vec<_> = (0..8)
+        .map(|id| {
+            tokio::spawn(producer(
+                daemon.socket.clone(),
+                id,
+                12,
+                acked.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    let mut rng = rand::rng();
+    for _ in 0..kills {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..400))).await;
+        daemon.kill();
+        daemon.spawn().await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.cancel();
+    for producer in producers {
+        producer.await.unwrap();
+    }
+    // One more kill with everything quiet, then let it drain without faults.
+    daemon.kill();
+    daemon.spawn().await;
+    let stats = daemon.stats().await;
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        stats["pending"].as_u64().unwrap() <= acked.len() as u64,
+        "more pending jobs than messages: duplicates? {stats}"
+    );
+    zoom.set_faults(Faults::default());
+    let stats = daemon.drained(Duration::from_secs(60)).await;
+    assert_eq!(stats["dead"], 0, "{stats}");
+    assert!(
+        acked.len() >= 8 * 6,
+        "producers made too little progress: {}",
+        acked.len()
+    );
+    for (message, number) in &acked {
+        let shown: u64 = shown(&zoom, message)
+            .unwrap_or_else(|| panic!("{message} never reached Zoom"))
+            .parse()
+            .unwrap();
+        assert!(
+            shown >= *number,
+            "{message}: Zoom shows edit {shown}, but edit {number} was acknowledged"
+        );
+        let record = zoom.message(message).unwrap();
+        assert!(
+            record.max_concurrent <= 1,
+            "{message} had {} requests in flight",
+            record.max_concurrent
+        );
+    }
+}

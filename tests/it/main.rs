@@ -1,0 +1,8 @@
+//! zoomq's integration tests: the real `zoomq` binary, a real Unix socket, and the sandbox
+//! (a fake Zoom over real HTTP on loopback). One test binary, one module per concern.
+
+mod helpers;
+
+mod crash;
+mod delivery;
+mod ingest;
