@@ -109,6 +109,7 @@ jq -c '[.panels[] | ., (.panels // [])[]] | .[] | select(.targets)
        | .title as $title | .targets[] | {title: $title, refId, expr}' "$dashboard" >"$work/targets"
 
 substitute() {
+    # shellcheck disable=SC2016 # the $ are Grafana's, not the shell's
     sed -E \
         -e 's/\$__rate_interval/1m/g; s/\$__interval/15s/g; s/\$__range/5m/g' \
         -e 's/(job|instance)[[:space:]]*=~?[[:space:]]*"\$\{?(job|instance)\}?"/\1=~".*"/g' \

@@ -168,9 +168,9 @@ check_promtool() {
     fi
     # Every alert must appear in the tests (the tests show both firing and quiet cases).
     local alert untested=()
-    for alert in $(sed -n 's/^ *- alert: *//p' "$rules"); do
+    while IFS= read -r alert; do
         grep -q "alertname: $alert\$" "$rules_test" || untested+=("$alert")
-    done
+    done < <(sed -n 's/^ *- alert: *//p' "$rules")
     if [[ ${#untested[@]} -gt 0 ]]; then
         fail "alerts without unit tests: ${untested[*]}"
     else

@@ -68,8 +68,9 @@ pub struct StorageConfig {
     pub max_pending: u64,
     /// sled's page cache, in bytes (sled's own default is 1 GiB).
     pub cache_capacity: u64,
-    /// Most operations one group commit carries.
-    pub max_batch: usize,
+    /// New edits are refused (`unavailable`) while the filesystem has less free space than
+    /// this, so the database never runs into a full disk mid-write.
+    pub min_free_bytes: u64,
 }
 
 #[derive(Clone, Deserialize)]
@@ -190,7 +191,7 @@ impl Default for StorageConfig {
             path: PathBuf::from("/var/lib/zoomq"),
             max_pending: 1_000_000,
             cache_capacity: 64 * 1024 * 1024,
-            max_batch: 4096,
+            min_free_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -307,10 +308,6 @@ impl Config {
         need(
             self.storage.cache_capacity >= 1024 * 1024,
             "storage.cache_capacity: expected at least 1048576 bytes",
-        );
-        need(
-            self.storage.max_batch >= 1,
-            "storage.max_batch: expected at least 1",
         );
         for (key, url) in [
             ("zoom.api_base", &self.zoom.api_base),

@@ -66,6 +66,9 @@ pub struct Dispatcher {
     finished_rx: mpsc::UnboundedReceiver<Finished>,
     requests: TaskTracker,
     last_housekeeping: Instant,
+    /// Deliveries since the last summary log line (one line per busy period, none when idle).
+    delivered_since_log: u64,
+    last_summary: Instant,
 }
 
 impl Dispatcher {
@@ -95,6 +98,8 @@ impl Dispatcher {
             finished_rx,
             requests: TaskTracker::new(),
             last_housekeeping: Instant::now(),
+            delivered_since_log: 0,
+            last_summary: Instant::now(),
         }
     }
 
@@ -138,7 +143,7 @@ impl Dispatcher {
                 _ = self.queue.timer_changed() => {}
                 // Periodic turn so housekeeping and the watchdog's progress counter move
                 // even when idle.
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = cancel.cancelled() => break,
             }
         }
@@ -204,6 +209,7 @@ impl Dispatcher {
                 self.no_token_pause = NO_TOKEN_PAUSE_MIN;
                 self.limiters.on_success(&account);
                 self.metrics.edits_delivered.inc();
+                self.delivered_since_log += 1;
                 self.metrics
                     .delivery_latency
                     .observe(now.saturating_sub(job.updated_ms) as f64 / 1000.0);
@@ -312,6 +318,21 @@ impl Dispatcher {
             return;
         }
         self.last_housekeeping = Instant::now();
+        if self.delivered_since_log > 0 && self.last_summary.elapsed() >= Duration::from_secs(10) {
+            let stats = self.queue.stats();
+            tracing::info!(
+                delivered = self.delivered_since_log,
+                seconds = self.last_summary.elapsed().as_secs(),
+                pending = stats.pending,
+                in_flight = stats.in_flight,
+                dead = stats.dead,
+                "delivered edits"
+            );
+            self.delivered_since_log = 0;
+            self.last_summary = Instant::now();
+        } else if self.delivered_since_log == 0 {
+            self.last_summary = Instant::now();
+        }
         self.limiters.release_idle();
         let snapshot = self.limiters.snapshot(SystemTime::now());
         self.metrics.limiter_rate.set(snapshot.total_rate);

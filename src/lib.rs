@@ -183,8 +183,10 @@ async fn supervise(queue: Queue, health: Arc<Health>, cancel: CancellationToken)
         .map(|interval| interval / 3)
         .unwrap_or(std::time::Duration::from_secs(5))
         .min(std::time::Duration::from_secs(5));
-    let mut last_turns = health.dispatcher_turns();
     let mut ticker = tokio::time::interval(tick);
+    // The first tick is immediate; start measuring progress from there.
+    ticker.tick().await;
+    let mut last_turns = health.dispatcher_turns();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}

@@ -330,3 +330,54 @@ impl Default for Metrics {
         Metrics::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The HELP and TYPE lines of every zoomq metric, in exposition order.
+    fn schema(exposition: &str) -> String {
+        exposition
+            .lines()
+            .filter(|line| line.starts_with("# HELP zoomq_") || line.starts_with("# TYPE zoomq_"))
+            .map(|line| format!("{line}\n"))
+            .collect()
+    }
+
+    /// Golden test of the exposition: names, types and help texts are an interface that
+    /// dashboards and alerts depend on; changing one must be deliberate. Regenerate with
+    /// `UPDATE_GOLDEN=1 cargo test --lib metrics`.
+    #[test]
+    fn exposition_matches_the_golden_file() {
+        let golden_path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/metrics.txt");
+        let actual = schema(&Metrics::new().encode());
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(golden_path, &actual).unwrap();
+        }
+        let golden = std::fs::read_to_string(golden_path).unwrap_or_default();
+        assert_eq!(
+            actual, golden,
+            "metrics changed; if intended, run UPDATE_GOLDEN=1 cargo test --lib metrics"
+        );
+    }
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let text = Metrics::new().encode();
+        for line in text.lines().filter(|l| l.starts_with("# TYPE zoomq_")) {
+            let mut parts = line.split_whitespace().skip(2);
+            let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+            match kind {
+                "counter" => assert!(name.ends_with("_total"), "{name}"),
+                "histogram" => assert!(
+                    name.ends_with("_seconds") || name.ends_with("_size"),
+                    "{name}"
+                ),
+                _ => assert!(!name.ends_with("_total"), "{name}"),
+            }
+        }
+        assert!(text.contains("zoomq_build_info{version=\""));
+        // Process metrics come from the prometheus crate's process collector.
+        assert!(text.contains("process_resident_memory_bytes"));
+    }
+}

@@ -30,7 +30,7 @@ mod state;
 mod store;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
@@ -121,7 +121,10 @@ struct Shared {
     writer_wake: Condvar,
     /// The writer thread, joined by `close` once it has committed everything.
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    store: Store,
+    /// Read handle on sled; `None` while the database is being reopened after a failure.
+    store: RwLock<Option<Store>>,
+    /// Where and how to reopen it.
+    storage: crate::config::StorageConfig,
     max_pending: u64,
     metrics: Arc<Metrics>,
     /// Accounts that just got ready work, for the dispatcher.
@@ -156,6 +159,8 @@ struct Core {
     batch_gen: u64,
     /// The last commit's error, while commits are failing.
     failure: Option<String>,
+    /// Free bytes on the database's filesystem, while below `storage.min_free_bytes`.
+    space_low: Option<u64>,
     closing: bool,
 }
 
@@ -220,11 +225,13 @@ impl Queue {
                 overlay: HashMap::new(),
                 batch_gen: 0,
                 failure: None,
+                space_low: low_space(&config.path, config.min_free_bytes),
                 closing: false,
             }),
             writer_wake: Condvar::new(),
             writer: Mutex::new(None),
-            store,
+            store: RwLock::new(Some(store)),
+            storage: config.clone(),
             max_pending: config.max_pending,
             metrics,
             ready_tx,
@@ -250,6 +257,14 @@ impl Queue {
                 return Err(EnqueueError::Unavailable(
                     "the daemon is shutting down; the edit was not accepted".into(),
                 ));
+            }
+            if let Some(free) = core.space_low {
+                return Err(EnqueueError::Unavailable(format!(
+                    "storage nearly full: {free} bytes free on the filesystem of {}, below \
+                     storage.min_free_bytes ({}); the edit was not accepted, try again later",
+                    self.shared.storage.path.display(),
+                    self.shared.storage.min_free_bytes
+                )));
             }
             if let Some(failure) = &core.failure {
                 return Err(EnqueueError::Unavailable(format!(
@@ -290,7 +305,7 @@ impl Queue {
                         // Rare: the same message under another account. Rewrite its header.
                         let current = match core.overlay.get(&seq).and_then(|o| o.header.clone()) {
                             Some(header) => Ok(Some(header)),
-                            None => self.shared.store.header(seq),
+                            None => self.shared.store().and_then(|store| store.header(seq)),
                         };
                         match current {
                             Ok(Some(mut header)) => {
@@ -361,11 +376,11 @@ impl Queue {
         let loaded = (|| {
             let header = match header {
                 Some(header) => Some(header),
-                None => self.shared.store.header(claim.seq)?,
+                None => self.shared.store()?.header(claim.seq)?,
             };
             let content = match content {
                 Some((updated_ms, body)) => Some((updated_ms, body.to_vec())),
-                None => self.shared.store.content(claim.seq)?,
+                None => self.shared.store()?.content(claim.seq)?,
             };
             Ok::<_, StoreError>(header.zip(content))
         })();
@@ -467,11 +482,12 @@ impl Queue {
 
     /// Dead letters in job-id order, at most `limit` of them.
     pub fn dead_list(&self, limit: Option<usize>) -> Result<Vec<(u64, DeadRecord)>, StoreError> {
-        self.shared
-            .store
+        let store = self.shared.store()?;
+        let records = store
             .dead_records()
             .take(limit.unwrap_or(usize::MAX))
-            .collect()
+            .collect();
+        records
     }
 
     /// Puts dead letters back in the queue (first in line: they keep their job id). One whose
@@ -542,7 +558,7 @@ impl Queue {
     fn select_dead(&self, selector: &Selector) -> Result<Vec<(u64, DeadRecord)>, String> {
         match selector {
             Selector::All => self.dead_list(None).map_err(|e| e.to_string()),
-            Selector::One(seq) => match self.shared.store.dead(*seq) {
+            Selector::One(seq) => match self.shared.store().and_then(|store| store.dead(*seq)) {
                 Ok(Some(record)) => Ok(vec![(*seq, record)]),
                 Ok(None) => Err(format!("no dead letter with job id \"{seq}\"")),
                 Err(e) => Err(e.to_string()),
@@ -588,13 +604,13 @@ impl Queue {
     pub fn oldest_age(&self) -> Result<Option<Duration>, StoreError> {
         Ok(self
             .shared
-            .store
+            .store()?
             .oldest()?
             .map(|(_, h)| Duration::from_millis(now_ms().saturating_sub(h.enqueued_ms))))
     }
 
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        self.shared.store.size_on_disk()
+        self.shared.store()?.size_on_disk()
     }
 
     /// Refreshes the queue's gauges; called before each metrics scrape.
@@ -653,6 +669,18 @@ impl Core {
 }
 
 impl Shared {
+    /// A read handle on the database (a cheap clone), unless it is being reopened.
+    fn store(&self) -> Result<Store, StoreError> {
+        // Never block a reader (an async worker) behind a reopen.
+        match self.store.try_read() {
+            Ok(slot) => slot.clone().ok_or(StoreError::Reopening),
+            Err(std::sync::TryLockError::Poisoned(e)) => {
+                e.into_inner().clone().ok_or(StoreError::Reopening)
+            }
+            Err(std::sync::TryLockError::WouldBlock) => Err(StoreError::Reopening),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Core> {
         // A panic while holding the lock leaves the index as it was at the panic; keep going
         // rather than poisoning every producer.
@@ -683,7 +711,8 @@ pub async fn wait(commit: Commit) -> Result<(), String> {
 }
 
 /// The writer thread: commits whatever accumulated, as one batch, until the queue closes.
-fn writer_loop(shared: &Shared, mut committer: Committer) {
+fn writer_loop(shared: &Shared, committer: Committer) {
+    let mut committer = Some(committer);
     let mut failures = 0u32;
     loop {
         let (ops, waiters, taken_gen) = {
@@ -695,10 +724,23 @@ fn writer_loop(shared: &Shared, mut committer: Committer) {
                 if core.closing {
                     return;
                 }
-                core = shared
-                    .writer_wake
-                    .wait(core)
-                    .unwrap_or_else(|e| e.into_inner());
+                if core.space_low.is_some() {
+                    // Re-check the free space every second until it is back.
+                    core = shared
+                        .writer_wake
+                        .wait_timeout(core, Duration::from_secs(1))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    core.space_low = low_space(&shared.storage.path, shared.storage.min_free_bytes);
+                    if core.space_low.is_none() {
+                        tracing::info!("free space is back; accepting edits again");
+                    }
+                } else {
+                    core = shared
+                        .writer_wake
+                        .wait(core)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
             }
             let taken_gen = core.batch_gen;
             core.batch_gen += 1;
@@ -713,7 +755,16 @@ fn writer_loop(shared: &Shared, mut committer: Committer) {
         let result = if ops.is_empty() {
             Ok(())
         } else {
-            committer.commit(&ops)
+            // After a failure the committer is gone and the database is reopened first.
+            let ready = match committer.take() {
+                Some(committer) => Ok(committer),
+                None => reopen(shared),
+            };
+            ready.and_then(|mut ready| {
+                ready.commit(&ops)?;
+                committer = Some(ready);
+                Ok(())
+            })
         };
         shared
             .metrics
@@ -727,6 +778,15 @@ fn writer_loop(shared: &Shared, mut committer: Committer) {
                     // Committed: sled now has these versions. Newer writes (a later batch)
                     // keep their overlay entries.
                     core.overlay.retain(|_, o| o.batch_gen > taken_gen);
+                    let was_low = core.space_low.is_some();
+                    core.space_low = low_space(&shared.storage.path, shared.storage.min_free_bytes);
+                    if let (false, Some(free)) = (was_low, core.space_low) {
+                        tracing::error!(
+                            free_bytes = free,
+                            min_free_bytes = shared.storage.min_free_bytes,
+                            "storage nearly full; refusing new edits until space is freed"
+                        );
+                    }
                     if failures > 0 {
                         tracing::info!("storage recovered; commits succeed again");
                         core.failure = None;
@@ -756,6 +816,9 @@ fn writer_loop(shared: &Shared, mut committer: Committer) {
                 for waiter in waiters {
                     let _ = waiter.send(Err(message.clone()));
                 }
+                // sled stays failed after an I/O error (it remembers the first one), so the
+                // committer was dropped and the next attempt reopens the database: its log
+                // replays everything committed.
                 // Wait before retrying (a full disk does not empty itself in microseconds).
                 let core = shared.lock();
                 let _ = shared
@@ -764,6 +827,35 @@ fn writer_loop(shared: &Shared, mut committer: Committer) {
             }
         }
     }
+}
+
+/// Drops every handle on the failed database and opens it again.
+fn reopen(shared: &Shared) -> Result<Committer, StoreError> {
+    let old = shared
+        .store
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let Some(old) = old {
+        // sled flushes when its last handle drops, which can stall on a failing disk: do it
+        // aside. Until it is done, sled's file lock makes the open below fail, and the
+        // writer simply tries again a second later.
+        let _ = std::thread::Builder::new()
+            .name("zoomq-close-db".into())
+            .spawn(move || drop(old));
+    }
+    let (store, committer) = Store::open(&shared.storage.path, shared.storage.cache_capacity)?;
+    *shared.store.write().unwrap_or_else(|e| e.into_inner()) = Some(store);
+    tracing::info!("storage reopened");
+    Ok(committer)
+}
+
+/// The free bytes on `path`'s filesystem if they are below `min_free`; `None` when there is
+/// enough (or when the figure cannot be read: then commits themselves will tell).
+fn low_space(path: &std::path::Path, min_free: u64) -> Option<u64> {
+    let stat = rustix::fs::statvfs(path).ok()?;
+    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+    (free < min_free).then_some(free)
 }
 
 #[cfg(test)]

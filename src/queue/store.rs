@@ -72,6 +72,8 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("storage I/O error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("storage is being reopened after a failure")]
+    Reopening,
     #[error("corrupt record under key {key}: {detail}")]
     Corrupt { key: String, detail: String },
 }

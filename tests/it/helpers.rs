@@ -57,6 +57,7 @@ impl TestDaemon {
             quoted(&dir.path().join("data").display().to_string()),
         );
         put("storage", "cache_capacity", "16777216".into());
+        put("storage", "min_free_bytes", "0".into());
         put("zoom", "api_base", quoted(&sandbox.api_base()));
         put("zoom", "token_url", quoted(&sandbox.token_url()));
         put("zoom", "client_id", quoted("sandbox-client"));

@@ -5,4 +5,5 @@ mod helpers;
 
 mod crash;
 mod delivery;
+mod faults;
 mod ingest;
