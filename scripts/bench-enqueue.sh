@@ -60,7 +60,7 @@ trap cleanup EXIT
 zoomq_cmd=(cargo bench --bench enqueue -- --dir "$dir" "${bench_args[@]}")
 section "zoomq: ${zoomq_cmd[*]}"
 cargo bench --bench enqueue --no-run 2>&1 | grep -v '^ *Compiling' || true
-"${zoomq_cmd[@]}" 2>&1 | grep -v '^ *\(Finished\|Running\)' | tee "$work/zoomq.out"
+"${zoomq_cmd[@]}" 2>&1 | grep -v '^ *\(Compiling\|Finished\|Running\)' | tee "$work/zoomq.out"
 zoomq_json="$(grep '^{"bench":"enqueue"' "$work/zoomq.out" | tail -n1)"
 [ -n "$zoomq_json" ] || { echo "the zoomq bench printed no JSON line" >&2; exit 1; }
 
@@ -73,7 +73,7 @@ zoomq() {
 # ---- Redis --------------------------------------------------------------------------------------
 redis_cmd=(redis-server --port "$redis_port" --appendonly yes --appendfsync always --save ''
     --dir "$work")
-section "redis: ${redis_cmd[*]}"
+section "redis: $(printf '%q ' "${redis_cmd[@]}")"
 "${redis_cmd[@]}" --logfile "$work/redis.log" &
 redis_pid=$!
 for _ in $(seq 100); do

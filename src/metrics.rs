@@ -40,6 +40,8 @@ pub struct Metrics {
     pub commit_duration: Histogram,
     pub storage_failures: IntCounter,
     pub storage_size: IntGauge,
+    pub storage_free: IntGauge,
+    pub storage_min_free: IntGauge,
 
     /// Sum over active accounts of the request rate the limiter currently allows.
     pub limiter_rate: prometheus::Gauge,
@@ -215,6 +217,16 @@ impl Metrics {
                 r,
                 "zoomq_storage_size_bytes",
                 "Size of the database on disk.",
+            ),
+            storage_free: gauge(
+                r,
+                "zoomq_storage_free_bytes",
+                "Free space on the database's file system (for unprivileged users).",
+            ),
+            storage_min_free: gauge(
+                r,
+                "zoomq_storage_min_free_bytes",
+                "storage.min_free_bytes: below this free space new edits are refused.",
             ),
             limiter_rate: float_gauge(
                 r,

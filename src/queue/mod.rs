@@ -628,6 +628,12 @@ impl Queue {
         if let Ok(size) = self.size_on_disk() {
             metrics.storage_size.set(size as i64);
         }
+        if let Some(free) = free_space(&self.shared.storage.path) {
+            metrics.storage_free.set(free as i64);
+        }
+        metrics
+            .storage_min_free
+            .set(self.shared.storage.min_free_bytes as i64);
     }
 
     /// Stops accepting edits, commits everything outstanding and stops the writer thread.
@@ -853,9 +859,13 @@ fn reopen(shared: &Shared) -> Result<Committer, StoreError> {
 /// The free bytes on `path`'s filesystem if they are below `min_free`; `None` when there is
 /// enough (or when the figure cannot be read: then commits themselves will tell).
 fn low_space(path: &std::path::Path, min_free: u64) -> Option<u64> {
+    free_space(path).filter(|free| *free < min_free)
+}
+
+/// Bytes available to unprivileged users on `path`'s filesystem.
+fn free_space(path: &std::path::Path) -> Option<u64> {
     let stat = rustix::fs::statvfs(path).ok()?;
-    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
-    (free < min_free).then_some(free)
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 #[cfg(test)]

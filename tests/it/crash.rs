@@ -106,7 +106,7 @@ async fn random_sigkills_under_load_lose_nothing_acknowledged() {
     let kills: usize = std::env::var("ZOOMQ_CRASH_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(8);
+        .unwrap_or(20);
     let zoom = sandbox(SandboxConfig {
         faults: Faults {
             error_5xx: 0.2,
@@ -131,8 +131,15 @@ async fn random_sigkills_under_load_lose_nothing_acknowledged() {
         })
         .collect();
     let mut rng = rand::rng();
-    for _ in 0..kills {
-        tokio::time::sleep(Duration::from_millis(rng.random_range(50..400))).await;
+    for round in 0..kills {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..300))).await;
+        if round % 3 == 2 {
+            // Kill it during its graceful shutdown (draining, committing, closing sled).
+            daemon.signal_term();
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..60))).await;
+        }
+        // Under this load the commit thread is busy most of the time, so most kills land in
+        // the middle of a group commit.
         daemon.kill();
         daemon.spawn().await;
     }
@@ -173,5 +180,63 @@ async fn random_sigkills_under_load_lose_nothing_acknowledged() {
             "{message} had {} requests in flight",
             record.max_concurrent
         );
+    }
+}
+
+#[tokio::test]
+async fn a_kill_during_a_dead_letter_retry_loses_nothing() {
+    let zoom = sandbox(SandboxConfig::default()).await;
+    let mut daemon = TestDaemon::start(&zoom, Tweaks::default()).await;
+    let mut client = daemon.client().await;
+    // 150 edits that Zoom rejects (unknown message ids): all become dead letters.
+    for i in 0..150 {
+        client
+            .call(&edit(
+                &format!("missing-{i}"),
+                &format!("acct{}", i % 3),
+                "v",
+            ))
+            .await;
+    }
+    let stats = daemon.drained(Duration::from_secs(30)).await;
+    assert_eq!(stats["dead"], 150);
+    // Zoom learns the messages; an operator retries everything and the daemon dies meanwhile.
+    zoom.configure(|c| c.missing_prefix = None);
+    let socket = daemon.socket.clone();
+    let retry = tokio::spawn(async move {
+        let mut client = crate::helpers::Client::connect(&socket).await.unwrap();
+        client
+            .send(&serde_json::json!({"op": "dead_retry", "all": true}))
+            .await;
+        client.try_answer().await
+    });
+    tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..40))).await;
+    daemon.kill();
+    let _ = retry.await;
+    daemon.spawn().await;
+    // Every edit is exactly once either dead or pending/delivered: never lost, never both.
+    let stats = daemon.stats().await;
+    let delivered = (0..150)
+        .filter(|i| shown(&zoom, &format!("missing-{i}")).is_some())
+        .count() as u64;
+    let dead = stats["dead"].as_u64().unwrap();
+    let queued = stats["pending"].as_u64().unwrap() + stats["in_flight"].as_u64().unwrap();
+    assert!(
+        dead + queued + delivered >= 150,
+        "lost edits: {stats}, delivered {delivered}"
+    );
+    assert!(
+        dead + queued <= 150,
+        "an edit is both dead and queued: {stats}"
+    );
+    // Finish the retry; everything arrives and nothing stays dead.
+    let mut client = daemon.client().await;
+    client
+        .call(&serde_json::json!({"op": "dead_retry", "all": true}))
+        .await;
+    let stats = daemon.drained(Duration::from_secs(30)).await;
+    assert_eq!(stats["dead"], 0, "{stats}");
+    for i in 0..150 {
+        assert_eq!(shown(&zoom, &format!("missing-{i}")).as_deref(), Some("v"));
     }
 }

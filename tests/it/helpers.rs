@@ -144,6 +144,17 @@ impl TestDaemon {
         }
     }
 
+    /// Sends SIGTERM without waiting (the daemon starts its graceful shutdown).
+    pub fn signal_term(&self) {
+        let pid = self.pid();
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// SIGTERM, then waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
