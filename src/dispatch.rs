@@ -183,7 +183,10 @@ impl Dispatcher {
                 // The queue re-announces the account when it has ready work again.
                 Ok(None) => {}
                 Err(e) => {
+                    // The queue put the job back (or dropped an unreadable one); keep the
+                    // account in the ring: a claim that finds nothing ready removes it.
                     tracing::error!(account = %account, error = %e, "cannot read a claimed job");
+                    self.ring.push_back(account);
                 }
             }
         }

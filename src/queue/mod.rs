@@ -276,10 +276,7 @@ impl Queue {
             {
                 return Err(EnqueueError::Full(core.state.pending()));
             }
-            let waiting_retry = core
-                .state
-                .pending_of(&edit.message_id)
-                .is_some_and(|seq| core.state.is_waiting(&edit.message_id, seq));
+            let replaces_failed = core.state.pending_failed(&edit.message_id);
             let placed = core.state.enqueue(&edit.message_id, &edit.account_id, now);
             let (seq, coalesced, announce) = match placed {
                 state::Placed::New { seq, announce } => {
@@ -327,8 +324,8 @@ impl Queue {
             if let Some(account) = announce {
                 let _ = self.shared.ready_tx.send(account);
             }
-            if coalesced && waiting_retry {
-                // The replaced content was waiting for a retry: it will never be sent.
+            if coalesced && replaces_failed {
+                // The replaced content failed and waited for a retry: it will never be sent.
                 self.shared.metrics.edits_superseded.inc();
             }
             ((seq, coalesced), rx)

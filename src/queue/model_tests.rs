@@ -29,10 +29,11 @@ const FOREVER_MS: u64 = u64::MAX;
 /// Whether to check the announcements against the dispatcher's ring: an account with claimable
 /// work is in the ring (else nothing ever claims it), and never twice. `State` fails both
 /// today, so the checks are off until it is fixed; the shortest failing cases:
-/// - lost announcement (the account stalls until another edit of it is enqueued):
+/// - lost announcement:
 ///   enqueue(m, a); claim(a); enqueue(m, a); requeue(m's in-flight job), which is superseded:
 ///   `requeue` calls `finish`, which makes the pending job ready and sets the account's
-///   `announced` flag, but drops the `Finished { announce }` and returns `None`;
+///   `announced` flag, but drops the `Finished { announce }` and returns `None`; nothing
+///   announces the account again, so its ready jobs wait until a restart;
 /// - double announcement: enqueue(m1, a); enqueue(m1, b) moves the job and releases `a`'s line
 ///   with its `announced` flag while `a` is still in the ring; enqueue(m2, a) announces `a`
 ///   again.

@@ -29,6 +29,8 @@ struct Slot {
 struct PendingJob {
     seq: u64,
     due_ms: u64,
+    /// Its current content was sent and failed transiently (it waits for a retry).
+    failed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -142,6 +144,15 @@ impl State {
             .is_some_and(|p| p.seq == seq && self.delayed.contains_key(&(p.due_ms, seq)))
     }
 
+    /// Whether the message's pending job holds content that already failed once (so that a
+    /// newer edit replacing it supersedes an edit waiting for its retry).
+    pub fn pending_failed(&self, message: &str) -> bool {
+        self.slots
+            .get(message)
+            .and_then(|s| s.pending)
+            .is_some_and(|p| p.failed)
+    }
+
     /// Whether a new edit of `message` would add a pending job (rather than coalesce).
     pub fn would_add(&self, message: &str) -> bool {
         self.pending_of(message).is_none()
@@ -150,8 +161,11 @@ impl State {
     /// Records an edit of `message` for `account`: coalesces into the pending job if there is
     /// one, else creates a pending job with a fresh id.
     pub fn enqueue(&mut self, message: &str, account: &str, now_ms: u64) -> Placed {
-        if let Some(slot) = self.slots.get(message) {
-            if let Some(pending) = slot.pending {
+        if let Some(slot) = self.slots.get_mut(message) {
+            if let Some(pending) = slot.pending.as_mut() {
+                // New content: whatever failed before is not what will be sent next.
+                pending.failed = false;
+                let pending = *pending;
                 let old_account = slot.account.clone();
                 if &*old_account == account {
                     return Placed::Coalesced {
@@ -277,7 +291,11 @@ impl State {
         }
         slot.in_flight = None;
         self.in_flight -= 1;
-        let pending = PendingJob { seq, due_ms };
+        let pending = PendingJob {
+            seq,
+            due_ms,
+            failed: true,
+        };
         slot.pending = Some(pending);
         self.pending += 1;
         let message_key = slot.message.clone();
@@ -329,7 +347,11 @@ impl State {
         now_ms: u64,
     ) -> Option<Arc<str>> {
         let account_key = self.account_key(account);
-        let pending = PendingJob { seq, due_ms };
+        let pending = PendingJob {
+            seq,
+            due_ms,
+            failed: false,
+        };
         let mut released = None;
         let message_key = match self.slots.get_mut(message) {
             Some(slot) => {

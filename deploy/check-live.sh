@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Live checks of a running daemon, as an operator's tools see it: starts `zoomq demo` with its
+# metrics endpoint, then
+#   - /healthz and /readyz answer,
+#   - `promtool check metrics` reports nothing on the live /metrics output,
+#   - every query of the Grafana dashboard runs through a real Prometheus and returns data
+#     (deploy/check-dashboard.sh).
+# Usage: deploy/check-live.sh [ZOOMQ_BINARY]   (default target/debug/zoomq, as built by cargo test)
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bin=${1:-$repo/target/debug/zoomq}
+address=${METRICS_ADDRESS:-127.0.0.1:19464}
+
+for tool in curl jq promtool prometheus; do
+    if ! command -v "$tool" >/dev/null; then
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends curl jq prometheus >/dev/null
+        break
+    fi
+done
+[[ -x $bin ]] || { echo "check-live: $bin not built (run cargo build or cargo test first)" >&2; exit 1; }
+
+log=$(mktemp)
+"$bin" demo --metrics-listen "$address" --duration 90s --keep-running </dev/null >"$log" 2>&1 &
+demo=$!
+cleanup() {
+    kill -INT "$demo" 2>/dev/null || true
+    wait "$demo" 2>/dev/null || true
+    rm -f "$log"
+}
+trap cleanup EXIT
+
+for _ in $(seq 1 100); do
+    curl -fsS -o /dev/null --max-time 1 "http://$address/metrics" 2>/dev/null && break
+    sleep 0.2
+done
+fail() { echo "check-live: FAIL: $*" >&2; cat "$log" >&2; exit 1; }
+curl -fsS "http://$address/healthz" >/dev/null || fail "/healthz"
+curl -fsS "http://$address/readyz" >/dev/null || fail "/readyz"
+sleep 3
+problems=$(curl -fsS "http://$address/metrics" | promtool check metrics 2>&1) || fail "promtool check metrics: $problems"
+[[ -z $problems ]] || fail "promtool check metrics: $problems"
+echo "ok:   /healthz, /readyz, promtool check metrics"
+"$repo/deploy/check-dashboard.sh" "$address"
