@@ -26,8 +26,11 @@
 //! nothing already accepted is lost. The in-memory index keeps the refused batch's changes,
 //! so an edit answered `unavailable` may still be delivered; producers simply retry it.
 
+mod dead;
+mod delivery;
 mod state;
 mod store;
+mod writer;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
@@ -36,9 +39,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
-use crate::protocol::{Edit, Selector};
+use crate::protocol::Edit;
 pub use state::State;
-use store::{key, put_content, put_json, put_next_seq, Committer, Op, Store, CONTENT, DEAD, JOB};
+use store::{key, put_content, put_json, put_next_seq, Op, Store, CONTENT, JOB};
 pub use store::{DeadRecord, JobHeader, StoreError};
 
 /// Milliseconds since the Unix epoch: the clock of every time stored on disk.
@@ -225,7 +228,7 @@ impl Queue {
                 overlay: HashMap::new(),
                 batch_gen: 0,
                 failure: None,
-                space_low: low_space(&config.path, config.min_free_bytes),
+                space_low: writer::low_space(&config.path, config.min_free_bytes),
                 closing: false,
             }),
             writer_wake: Condvar::new(),
@@ -241,7 +244,7 @@ impl Queue {
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
             .name("zoomq-commit".into())
-            .spawn(move || writer_loop(&writer_shared, committer))
+            .spawn(move || writer::writer_loop(&writer_shared, committer))
             .map_err(StoreError::Io)?;
         *shared.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(writer);
         Ok((Queue { shared }, ready_rx, recovery))
@@ -352,235 +355,6 @@ impl Queue {
         }
     }
 
-    /// Claims the oldest ready job of `account`, reading its content from disk.
-    /// `Ok(None)` means the account has no ready job (and will be announced again when it has).
-    pub fn claim(&self, account: &str) -> Result<Option<Job>, StoreError> {
-        let (claim, overlay) = {
-            let mut core = self.shared.lock();
-            let Some(claim) = core.state.claim(account) else {
-                return Ok(None);
-            };
-            // Writes of this job that are not committed yet are newer than what sled has.
-            let overlay = core
-                .overlay
-                .get(&claim.seq)
-                .map(|o| (o.header.clone(), o.content.clone()));
-            (claim, overlay)
-        };
-        // The job is in flight now: nothing else writes its records until we finish it, so
-        // whatever the overlay did not have, sled has in its final form.
-        let (header, content) = overlay.unwrap_or_default();
-        let loaded = (|| {
-            let header = match header {
-                Some(header) => Some(header),
-                None => self.shared.store()?.header(claim.seq)?,
-            };
-            let content = match content {
-                Some((updated_ms, body)) => Some((updated_ms, body.to_vec())),
-                None => self.shared.store()?.content(claim.seq)?,
-            };
-            Ok::<_, StoreError>(header.zip(content))
-        })();
-        match loaded {
-            Ok(Some((header, (updated_ms, body)))) => Ok(Some(Job {
-                seq: claim.seq,
-                header,
-                updated_ms,
-                body,
-                more: claim.more,
-            })),
-            Ok(None) => {
-                let mut core = self.shared.lock();
-                let finished = core.state.finish(&claim.message, claim.seq, now_ms());
-                self.shared.announce(finished.announce);
-                Err(StoreError::Corrupt {
-                    key: format!("j{}", claim.seq),
-                    detail: "claimed job has no header or content on disk; dropped".into(),
-                })
-            }
-            Err(e) => {
-                // Put it back where it was; the dispatcher will retry later.
-                let mut core = self.shared.lock();
-                if let Some(finished) =
-                    core.state
-                        .requeue(&claim.message, claim.seq, now_ms() + 1000, now_ms())
-                {
-                    self.shared.announce(finished.announce);
-                }
-                self.shared.timer_changed.notify_one();
-                Err(e)
-            }
-        }
-    }
-
-    /// The job was delivered: forget it.
-    pub fn complete(&self, job: &Job) -> Commit {
-        let mut core = self.shared.lock();
-        let finished = core.state.finish(&job.header.message_id, job.seq, now_ms());
-        core.batch.push(Op::Del(key(JOB, job.seq)));
-        core.batch.push(Op::Del(key(CONTENT, job.seq)));
-        self.shared.announce(finished.announce);
-        self.shared.commit_locked(core)
-    }
-
-    /// The job failed transiently: store its new retry state (`job.header`, updated by the
-    /// caller) and make it pending again, unless a newer edit superseded it. Returns whether
-    /// it was superseded.
-    pub fn retry_later(&self, job: &Job) -> (bool, Commit) {
-        let mut core = self.shared.lock();
-        let now = now_ms();
-        let requeued = core.state.requeue(
-            &job.header.message_id,
-            job.seq,
-            job.header.next_attempt_ms,
-            now,
-        );
-        let superseded = match requeued {
-            Some(finished) => {
-                core.write_header(job.seq, job.header.clone());
-                self.shared.announce(finished.announce);
-                self.shared.timer_changed.notify_one();
-                false
-            }
-            None => {
-                core.batch.push(Op::Del(key(JOB, job.seq)));
-                core.batch.push(Op::Del(key(CONTENT, job.seq)));
-                self.shared.metrics.edits_superseded.inc();
-                true
-            }
-        };
-        (superseded, self.shared.commit_locked(core))
-    }
-
-    /// The job can never succeed: move it to the dead letters.
-    pub fn dead_letter(&self, job: &Job, info: DeadInfo) -> Commit {
-        let mut core = self.shared.lock();
-        let now = now_ms();
-        let finished = core.state.finish(&job.header.message_id, job.seq, now);
-        let record = DeadRecord {
-            header: job.header.clone(),
-            dead_ms: now,
-            reason: info.reason.to_string(),
-            status: info.status,
-            zoom_code: info.zoom_code,
-            detail: info.detail,
-        };
-        core.batch.push(Op::Del(key(JOB, job.seq)));
-        core.batch.push(put_json(DEAD, job.seq, &record));
-        core.dead += 1;
-        self.shared
-            .metrics
-            .edits_dead_lettered
-            .with_label_values(&[info.reason])
-            .inc();
-        self.shared.announce(finished.announce);
-        self.shared.commit_locked(core)
-    }
-
-    /// Dead letters in job-id order, at most `limit` of them.
-    pub fn dead_list(&self, limit: Option<usize>) -> Result<Vec<(u64, DeadRecord)>, StoreError> {
-        let store = self.shared.store()?;
-        let records = store
-            .dead_records()
-            .take(limit.unwrap_or(usize::MAX))
-            .collect();
-        records
-    }
-
-    /// Puts dead letters back in the queue (first in line: they keep their job id). One whose
-    /// message has a newer pending edit is superseded and deleted instead.
-    pub async fn dead_retry(&self, selector: &Selector) -> Result<DeadOutcome, String> {
-        let _serial = self.shared.dead_ops.lock().await;
-        let records = self.select_dead(selector)?;
-        let mut outcome = DeadOutcome::default();
-        let commit = {
-            let mut core = self.shared.lock();
-            let now = now_ms();
-            for (seq, record) in records {
-                let message = &record.header.message_id;
-                core.batch.push(Op::Del(key(DEAD, seq)));
-                core.dead -= 1;
-                if core.state.pending_of(message).is_some() {
-                    core.batch.push(Op::Del(key(CONTENT, seq)));
-                    outcome.superseded += 1;
-                    continue;
-                }
-                let header = JobHeader {
-                    attempts: 0,
-                    next_attempt_ms: 0,
-                    first_failure_ms: None,
-                    ..record.header
-                };
-                let (_, announce) =
-                    core.state
-                        .restore(&header.message_id, &header.account_id, seq, 0, now);
-                core.write_header(seq, header);
-                self.shared.announce(announce);
-                outcome.affected += 1;
-            }
-            self.shared
-                .metrics
-                .dead_letters_retried
-                .inc_by(outcome.affected);
-            self.shared
-                .metrics
-                .edits_superseded
-                .inc_by(outcome.superseded);
-            self.shared.commit_locked(core)
-        };
-        wait(commit).await?;
-        Ok(outcome)
-    }
-
-    /// Deletes dead letters.
-    pub async fn dead_purge(&self, selector: &Selector) -> Result<DeadOutcome, String> {
-        let _serial = self.shared.dead_ops.lock().await;
-        let records = self.select_dead(selector)?;
-        let commit = {
-            let mut core = self.shared.lock();
-            for (seq, _) in &records {
-                core.batch.push(Op::Del(key(DEAD, *seq)));
-                core.batch.push(Op::Del(key(CONTENT, *seq)));
-                core.dead -= 1;
-            }
-            self.shared.commit_locked(core)
-        };
-        wait(commit).await?;
-        Ok(DeadOutcome {
-            affected: records.len() as u64,
-            superseded: 0,
-        })
-    }
-
-    fn select_dead(&self, selector: &Selector) -> Result<Vec<(u64, DeadRecord)>, String> {
-        match selector {
-            Selector::All => self.dead_list(None).map_err(|e| e.to_string()),
-            Selector::One(seq) => match self.shared.store().and_then(|store| store.dead(*seq)) {
-                Ok(Some(record)) => Ok(vec![(*seq, record)]),
-                Ok(None) => Err(format!("no dead letter with job id \"{seq}\"")),
-                Err(e) => Err(e.to_string()),
-            },
-        }
-    }
-
-    /// Moves jobs whose retry time has come to their accounts' lines (announcing them).
-    pub fn promote_due(&self, now_ms: u64) {
-        let mut core = self.shared.lock();
-        for account in core.state.promote_due(now_ms) {
-            let _ = self.shared.ready_tx.send(account);
-        }
-    }
-
-    /// The earliest retry time of a waiting job (unix ms).
-    pub fn next_due_ms(&self) -> Option<u64> {
-        self.shared.lock().state.next_due_ms()
-    }
-
-    /// Resolves when the earliest retry time may have moved earlier.
-    pub async fn timer_changed(&self) {
-        self.shared.timer_changed.notified().await
-    }
-
     pub fn stats(&self) -> QueueStats {
         let core = self.shared.lock();
         QueueStats {
@@ -625,7 +399,7 @@ impl Queue {
         if let Ok(size) = self.size_on_disk() {
             metrics.storage_size.set(size as i64);
         }
-        if let Some(free) = free_space(&self.shared.storage.path) {
+        if let Some(free) = writer::free_space(&self.shared.storage.path) {
             metrics.storage_free.set(free as i64);
         }
         metrics
@@ -713,157 +487,7 @@ pub async fn wait(commit: Commit) -> Result<(), String> {
         .unwrap_or_else(|_| Err("the storage writer stopped".into()))
 }
 
-/// The writer thread: commits whatever accumulated, as one batch, until the queue closes.
-fn writer_loop(shared: &Shared, committer: Committer) {
-    let mut committer = Some(committer);
-    let mut failures = 0u32;
-    loop {
-        let (ops, waiters, taken_gen) = {
-            let mut core = shared.lock();
-            loop {
-                if !core.batch.is_empty() || !core.waiters.is_empty() {
-                    break;
-                }
-                if core.closing {
-                    return;
-                }
-                if core.space_low.is_some() {
-                    // Re-check the free space every second until it is back.
-                    core = shared
-                        .writer_wake
-                        .wait_timeout(core, Duration::from_secs(1))
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
-                    core.space_low = low_space(&shared.storage.path, shared.storage.min_free_bytes);
-                    if core.space_low.is_none() {
-                        tracing::info!("free space is back; accepting edits again");
-                    }
-                } else {
-                    core = shared
-                        .writer_wake
-                        .wait(core)
-                        .unwrap_or_else(|e| e.into_inner());
-                }
-            }
-            let taken_gen = core.batch_gen;
-            core.batch_gen += 1;
-            (
-                std::mem::take(&mut core.batch),
-                std::mem::take(&mut core.waiters),
-                taken_gen,
-            )
-        };
-        let started = Instant::now();
-        let n_ops = ops.len();
-        let result = if ops.is_empty() {
-            Ok(())
-        } else {
-            // After a failure the committer is gone and the database is reopened first.
-            let ready = match committer.take() {
-                Some(committer) => Ok(committer),
-                None => reopen(shared),
-            };
-            ready.and_then(|mut ready| {
-                ready.commit(&ops)?;
-                committer = Some(ready);
-                Ok(())
-            })
-        };
-        shared
-            .metrics
-            .commit_duration
-            .observe(started.elapsed().as_secs_f64());
-        shared.metrics.commit_batch_size.observe(n_ops as f64);
-        match result {
-            Ok(()) => {
-                {
-                    let mut core = shared.lock();
-                    // Committed: sled now has these versions. Newer writes (a later batch)
-                    // keep their overlay entries.
-                    core.overlay.retain(|_, o| o.batch_gen > taken_gen);
-                    let was_low = core.space_low.is_some();
-                    core.space_low = low_space(&shared.storage.path, shared.storage.min_free_bytes);
-                    if let (false, Some(free)) = (was_low, core.space_low) {
-                        tracing::error!(
-                            free_bytes = free,
-                            min_free_bytes = shared.storage.min_free_bytes,
-                            "storage nearly full; refusing new edits until space is freed"
-                        );
-                    }
-                    if failures > 0 {
-                        tracing::info!("storage recovered; commits succeed again");
-                        core.failure = None;
-                    }
-                }
-                failures = 0;
-                for waiter in waiters {
-                    let _ = waiter.send(Ok(()));
-                }
-            }
-            Err(e) => {
-                failures += 1;
-                let message = e.to_string();
-                tracing::error!(error = %message, writes = n_ops, "group commit failed; will retry");
-                shared.metrics.storage_failures.inc();
-                let mut core = shared.lock();
-                // Keep the failed writes ahead of anything queued since, in order.
-                let mut retained = ops;
-                retained.append(&mut core.batch);
-                core.batch = retained;
-                core.failure = Some(message.clone());
-                if core.closing && failures >= 3 {
-                    tracing::error!("giving up on uncommitted writes at shutdown");
-                    core.batch.clear();
-                }
-                drop(core);
-                for waiter in waiters {
-                    let _ = waiter.send(Err(message.clone()));
-                }
-                // sled stays failed after an I/O error (it remembers the first one), so the
-                // committer was dropped and the next attempt reopens the database: its log
-                // replays everything committed.
-                // Wait before retrying (a full disk does not empty itself in microseconds).
-                let core = shared.lock();
-                let _ = shared
-                    .writer_wake
-                    .wait_timeout(core, Duration::from_secs(1));
-            }
-        }
-    }
-}
-
-/// Drops every handle on the failed database and opens it again.
-fn reopen(shared: &Shared) -> Result<Committer, StoreError> {
-    let old = shared
-        .store
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
-    if let Some(old) = old {
-        // sled flushes when its last handle drops, which can stall on a failing disk: do it
-        // aside. Until it is done, sled's file lock makes the open below fail, and the
-        // writer simply tries again a second later.
-        let _ = std::thread::Builder::new()
-            .name("zoomq-close-db".into())
-            .spawn(move || drop(old));
-    }
-    let (store, committer) = Store::open(&shared.storage.path, shared.storage.cache_capacity)?;
-    *shared.store.write().unwrap_or_else(|e| e.into_inner()) = Some(store);
-    tracing::info!("storage reopened");
-    Ok(committer)
-}
-
-/// The free bytes on `path`'s filesystem if they are below `min_free`; `None` when there is
-/// enough (or when the figure cannot be read: then commits themselves will tell).
-fn low_space(path: &std::path::Path, min_free: u64) -> Option<u64> {
-    free_space(path).filter(|free| *free < min_free)
-}
-
-/// Bytes available to unprivileged users on `path`'s filesystem.
-fn free_space(path: &std::path::Path) -> Option<u64> {
-    let stat = rustix::fs::statvfs(path).ok()?;
-    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
-}
-
+#[cfg(test)]
+mod model_tests;
 #[cfg(test)]
 mod tests;

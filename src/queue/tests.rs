@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::config::StorageConfig;
-use crate::protocol::{parse_request, Request};
+use crate::protocol::{parse_request, Request, Selector};
 
 fn edit(message: &str, account: &str, text: &str) -> Edit {
     let line = format!(

@@ -1,0 +1,151 @@
+//! The dispatcher's side of the queue: claim an account's oldest ready job (reading its newest
+//! content from the overlay or sled), then finish it: delivered, back in line for a retry, or
+//! dead. Each transition changes the index and appends its writes under one lock.
+
+use super::store::{key, put_json, Op, StoreError, CONTENT, DEAD, JOB};
+use super::{now_ms, Commit, DeadInfo, DeadRecord, Job, Queue};
+
+impl Queue {
+    /// Claims the oldest ready job of `account`, reading its content from disk.
+    /// `Ok(None)` means the account has no ready job (and will be announced again when it has).
+    pub fn claim(&self, account: &str) -> Result<Option<Job>, StoreError> {
+        let (claim, overlay) = {
+            let mut core = self.shared.lock();
+            let Some(claim) = core.state.claim(account) else {
+                return Ok(None);
+            };
+            // Writes of this job that are not committed yet are newer than what sled has.
+            let overlay = core
+                .overlay
+                .get(&claim.seq)
+                .map(|o| (o.header.clone(), o.content.clone()));
+            (claim, overlay)
+        };
+        // The job is in flight now: nothing else writes its records until we finish it, so
+        // whatever the overlay did not have, sled has in its final form.
+        let (header, content) = overlay.unwrap_or_default();
+        let loaded = (|| {
+            let header = match header {
+                Some(header) => Some(header),
+                None => self.shared.store()?.header(claim.seq)?,
+            };
+            let content = match content {
+                Some((updated_ms, body)) => Some((updated_ms, body.to_vec())),
+                None => self.shared.store()?.content(claim.seq)?,
+            };
+            Ok::<_, StoreError>(header.zip(content))
+        })();
+        match loaded {
+            Ok(Some((header, (updated_ms, body)))) => Ok(Some(Job {
+                seq: claim.seq,
+                header,
+                updated_ms,
+                body,
+                more: claim.more,
+            })),
+            Ok(None) => {
+                let mut core = self.shared.lock();
+                let finished = core.state.finish(&claim.message, claim.seq, now_ms());
+                self.shared.announce(finished.announce);
+                Err(StoreError::Corrupt {
+                    key: format!("j{}", claim.seq),
+                    detail: "claimed job has no header or content on disk; dropped".into(),
+                })
+            }
+            Err(e) => {
+                // Put it back where it was; the dispatcher will retry later.
+                let mut core = self.shared.lock();
+                if let Some(finished) =
+                    core.state
+                        .requeue(&claim.message, claim.seq, now_ms() + 1000, now_ms())
+                {
+                    self.shared.announce(finished.announce);
+                }
+                self.shared.timer_changed.notify_one();
+                Err(e)
+            }
+        }
+    }
+
+    /// The job was delivered: forget it.
+    pub fn complete(&self, job: &Job) -> Commit {
+        let mut core = self.shared.lock();
+        let finished = core.state.finish(&job.header.message_id, job.seq, now_ms());
+        core.batch.push(Op::Del(key(JOB, job.seq)));
+        core.batch.push(Op::Del(key(CONTENT, job.seq)));
+        self.shared.announce(finished.announce);
+        self.shared.commit_locked(core)
+    }
+
+    /// The job failed transiently: store its new retry state (`job.header`, updated by the
+    /// caller) and make it pending again, unless a newer edit superseded it. Returns whether
+    /// it was superseded.
+    pub fn retry_later(&self, job: &Job) -> (bool, Commit) {
+        let mut core = self.shared.lock();
+        let now = now_ms();
+        let requeued = core.state.requeue(
+            &job.header.message_id,
+            job.seq,
+            job.header.next_attempt_ms,
+            now,
+        );
+        let superseded = match requeued {
+            Some(finished) => {
+                core.write_header(job.seq, job.header.clone());
+                self.shared.announce(finished.announce);
+                self.shared.timer_changed.notify_one();
+                false
+            }
+            None => {
+                core.batch.push(Op::Del(key(JOB, job.seq)));
+                core.batch.push(Op::Del(key(CONTENT, job.seq)));
+                self.shared.metrics.edits_superseded.inc();
+                true
+            }
+        };
+        (superseded, self.shared.commit_locked(core))
+    }
+
+    /// The job can never succeed: move it to the dead letters.
+    pub fn dead_letter(&self, job: &Job, info: DeadInfo) -> Commit {
+        let mut core = self.shared.lock();
+        let now = now_ms();
+        let finished = core.state.finish(&job.header.message_id, job.seq, now);
+        let record = DeadRecord {
+            header: job.header.clone(),
+            dead_ms: now,
+            reason: info.reason.to_string(),
+            status: info.status,
+            zoom_code: info.zoom_code,
+            detail: info.detail,
+        };
+        core.batch.push(Op::Del(key(JOB, job.seq)));
+        core.batch.push(put_json(DEAD, job.seq, &record));
+        core.dead += 1;
+        self.shared
+            .metrics
+            .edits_dead_lettered
+            .with_label_values(&[info.reason])
+            .inc();
+        self.shared.announce(finished.announce);
+        self.shared.commit_locked(core)
+    }
+
+    /// Moves jobs whose retry time has come to their accounts' lines (announcing them).
+    pub fn promote_due(&self, now_ms: u64) {
+        let mut core = self.shared.lock();
+        for account in core.state.promote_due(now_ms) {
+            let _ = self.shared.ready_tx.send(account);
+        }
+    }
+
+    /// The earliest retry time of a waiting job (unix ms).
+    pub fn next_due_ms(&self) -> Option<u64> {
+        self.shared.lock().state.next_due_ms()
+    }
+
+    /// Resolves when the earliest retry time may have moved earlier.
+    pub async fn timer_changed(&self) {
+        self.shared.timer_changed.notified().await
+    }
+}

@@ -1,0 +1,160 @@
+//! The queue's single writer thread: group commit of the shared batch, the free-space guard,
+//! and reopening the database after an I/O error. Everything here runs on the thread named
+//! `zoomq-commit`; the async side only appends to the batch and waits for its commit.
+
+use std::time::{Duration, Instant};
+
+use super::store::{Committer, Store, StoreError};
+use super::Shared;
+
+/// The writer thread: commits whatever accumulated, as one batch, until the queue closes.
+pub(super) fn writer_loop(shared: &Shared, committer: Committer) {
+    let mut committer = Some(committer);
+    let mut failures = 0u32;
+    loop {
+        let (ops, waiters, taken_gen) = {
+            let mut core = shared.lock();
+            loop {
+                if !core.batch.is_empty() || !core.waiters.is_empty() {
+                    break;
+                }
+                if core.closing {
+                    return;
+                }
+                if core.space_low.is_some() {
+                    // Re-check the free space every second until it is back.
+                    core = shared
+                        .writer_wake
+                        .wait_timeout(core, Duration::from_secs(1))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    core.space_low = low_space(&shared.storage.path, shared.storage.min_free_bytes);
+                    if core.space_low.is_none() {
+                        tracing::info!("free space is back; accepting edits again");
+                    }
+                } else {
+                    core = shared
+                        .writer_wake
+                        .wait(core)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            let taken_gen = core.batch_gen;
+            core.batch_gen += 1;
+            (
+                std::mem::take(&mut core.batch),
+                std::mem::take(&mut core.waiters),
+                taken_gen,
+            )
+        };
+        let started = Instant::now();
+        let n_ops = ops.len();
+        let result = if ops.is_empty() {
+            Ok(())
+        } else {
+            // After a failure the committer is gone and the database is reopened first.
+            let ready = match committer.take() {
+                Some(committer) => Ok(committer),
+                None => reopen(shared),
+            };
+            ready.and_then(|mut ready| {
+                ready.commit(&ops)?;
+                committer = Some(ready);
+                Ok(())
+            })
+        };
+        shared
+            .metrics
+            .commit_duration
+            .observe(started.elapsed().as_secs_f64());
+        shared.metrics.commit_batch_size.observe(n_ops as f64);
+        match result {
+            Ok(()) => {
+                {
+                    let mut core = shared.lock();
+                    // Committed: sled now has these versions. Newer writes (a later batch)
+                    // keep their overlay entries.
+                    core.overlay.retain(|_, o| o.batch_gen > taken_gen);
+                    let was_low = core.space_low.is_some();
+                    core.space_low = low_space(&shared.storage.path, shared.storage.min_free_bytes);
+                    if let (false, Some(free)) = (was_low, core.space_low) {
+                        tracing::error!(
+                            free_bytes = free,
+                            min_free_bytes = shared.storage.min_free_bytes,
+                            "storage nearly full; refusing new edits until space is freed"
+                        );
+                    }
+                    if failures > 0 {
+                        tracing::info!("storage recovered; commits succeed again");
+                        core.failure = None;
+                    }
+                }
+                failures = 0;
+                for waiter in waiters {
+                    let _ = waiter.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                let message = e.to_string();
+                tracing::error!(error = %message, writes = n_ops, "group commit failed; will retry");
+                shared.metrics.storage_failures.inc();
+                let mut core = shared.lock();
+                // Keep the failed writes ahead of anything queued since, in order.
+                let mut retained = ops;
+                retained.append(&mut core.batch);
+                core.batch = retained;
+                core.failure = Some(message.clone());
+                if core.closing && failures >= 3 {
+                    tracing::error!("giving up on uncommitted writes at shutdown");
+                    core.batch.clear();
+                }
+                drop(core);
+                for waiter in waiters {
+                    let _ = waiter.send(Err(message.clone()));
+                }
+                // sled stays failed after an I/O error (it remembers the first one), so the
+                // committer was dropped and the next attempt reopens the database: its log
+                // replays everything committed.
+                // Wait before retrying (a full disk does not empty itself in microseconds).
+                let core = shared.lock();
+                let _ = shared
+                    .writer_wake
+                    .wait_timeout(core, Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Drops every handle on the failed database and opens it again.
+fn reopen(shared: &Shared) -> Result<Committer, StoreError> {
+    let old = shared
+        .store
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let Some(old) = old {
+        // sled flushes when its last handle drops, which can stall on a failing disk: do it
+        // aside. Until it is done, sled's file lock makes the open below fail, and the
+        // writer simply tries again a second later.
+        let _ = std::thread::Builder::new()
+            .name("zoomq-close-db".into())
+            .spawn(move || drop(old));
+    }
+    let (store, committer) = Store::open(&shared.storage.path, shared.storage.cache_capacity)?;
+    *shared.store.write().unwrap_or_else(|e| e.into_inner()) = Some(store);
+    tracing::info!("storage reopened");
+    Ok(committer)
+}
+
+/// The free bytes on `path`'s filesystem if they are below `min_free`; `None` when there is
+/// enough (or when the figure cannot be read: then commits themselves will tell).
+pub(super) fn low_space(path: &std::path::Path, min_free: u64) -> Option<u64> {
+    free_space(path).filter(|free| *free < min_free)
+}
+
+/// Bytes available to unprivileged users on `path`'s filesystem.
+pub(super) fn free_space(path: &std::path::Path) -> Option<u64> {
+    let stat = rustix::fs::statvfs(path).ok()?;
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
