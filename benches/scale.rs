@@ -82,7 +82,10 @@ struct Args {
     /// Longest drain, in seconds; a drain cut short is extrapolated.
     #[arg(long, default_value_t = 600.0)]
     drain_limit: f64,
-    /// Skip step 5 (refill after the drain).
+    /// Drain-and-refill cycles (steps 4 and 5).
+    #[arg(long, default_value_t = 2)]
+    cycles: u32,
+    /// Skip step 5 (refill after the drain); implies one cycle.
     #[arg(long)]
     no_refill: bool,
     /// Parent of the daemon's temporary directory (default: the system's temp dir). Put it on
@@ -92,6 +95,10 @@ struct Args {
     /// Keep the temporary directory (its path is printed).
     #[arg(long)]
     keep: bool,
+    /// Internal: build the in-memory index alone and print its cost as one JSON line.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    index_probe: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -102,6 +109,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.edits >= 1 && args.accounts >= 1 && args.connections >= 1);
     anyhow::ensure!(args.window >= 1 && args.content_bytes >= 128);
+    if args.index_probe {
+        return index_probe(&args);
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -137,7 +147,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     daemon.configure(&args, &held, None)?;
     let first = daemon.start().await?;
     progress(&format!("started in {}; filling", secs_text(first.ready)));
-    let fill = fill(&args, &daemon, "scale").await?;
+    let fill = fill_queue(&args, &daemon, 0).await?;
     progress(&format!(
         "filled {} edits in {:.1} s ({:.0} edits/s)",
         fill.acked, fill.seconds, fill.rate
@@ -149,6 +159,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let memory = daemon.memory()?;
     let disk = daemon.disk().await;
     progress(&format!("{memory}; {disk}"));
+
+    let index = run_index_probe(&args).await?;
+    progress(&format!(
+        "index alone: {} ({:.0} B/edit, VmHWM {}), built in {:.2} s",
+        mb(index.bytes()),
+        index.bytes() as f64 / args.edits as f64,
+        mb(index.hwm_kib * 1024),
+        index.seconds
+    ));
 
     // 3. Restarts.
     let term_stop = daemon.terminate().await?;
@@ -174,91 +193,35 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let sent_while_held = held.stats().requests_total;
     anyhow::ensure!(sent_while_held == 0, "{sent_while_held} edits reached Zoom");
 
-    // 4. Drain at full speed.
+    // 4 and 5. Drain at full speed, then refill; `--cycles` times.
     daemon.terminate().await?;
-    let fast = Sandbox::start(SandboxConfig {
-        accounts: (0..args.accounts)
-            .map(|a| {
-                let settings = AccountSettings {
-                    capacity_per_second: Some(100_000),
-                    ..AccountSettings::default()
-                };
-                (account_id(a), settings)
-            })
-            .collect(),
-        request_log_capacity: 0,
-        ..SandboxConfig::default()
-    })
-    .await?;
-    daemon.configure(&args, &fast, Some(args.account_rate))?;
-    let drain_start = daemon.start().await?;
-    progress(&format!(
-        "draining (ready in {})",
-        secs_text(drain_start.ready)
-    ));
-    let drain = drain(&args, &daemon).await?;
-    let checked = check_delivered(&args, &fast, &drain)?;
-    let drain_memory = daemon.memory()?;
-    let disk_drained = daemon.disk().await;
-    let drained_stop = daemon.terminate().await?;
-    let disk_stopped = daemon.disk().await;
-    let after = daemon.start().await?;
-    let after_stats = daemon.stats().await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let disk_restarted = daemon.disk().await;
-    let after_memory = daemon.memory()?;
-    progress(&format!(
-        "after drain: {disk_drained}; stopped: {disk_stopped}; restarted in {}: {disk_restarted}",
-        secs_text(after.ready)
-    ));
+    let n_cycles = if args.no_refill {
+        1
+    } else {
+        args.cycles.max(1)
+    };
+    let mut cycles = Vec::new();
+    for round in 1..=n_cycles {
+        let cycle = drain_and_refill(&args, &mut daemon, &held, round).await?;
+        cycles.push(cycle);
+    }
+    if daemon.child.is_some() {
+        daemon.kill().await?;
+    }
+    held.shutdown().await;
 
     report["fill"] = json!({
         "seconds": fill.seconds, "rate": fill.rate, "acked": fill.acked,
         "rss_by_progress": fill.rss_by_progress, "start": first, "backlog": backlog,
     });
-    report["backlog"] = json!({"memory": memory, "disk": disk});
+    report["backlog"] = json!({"memory": memory, "disk": disk, "index_alone": index});
     report["restarts"] = json!({
         "sigterm": {"stop_seconds": term_stop.as_secs_f64(), "start": term,
                     "backlog": term_backlog, "memory": term_memory},
         "sigkill": {"start": kill, "backlog": kill_backlog, "memory": kill_memory,
                     "disk": disk_after_kill},
     });
-    report["drain"] = json!({
-        "start": drain_start, "result": &drain, "checked_messages": checked,
-        "memory": drain_memory, "disk_drained": disk_drained,
-        "stop_seconds": drained_stop.as_secs_f64(), "disk_stopped": disk_stopped,
-        "restart": after, "stats_after_restart": after_stats,
-        "disk_restarted": disk_restarted, "memory_restarted": after_memory,
-    });
-    fast.shutdown().await;
-
-    // 5. Refill the drained database, delivery held again.
-    let mut refill_row = None;
-    if !args.no_refill {
-        daemon.terminate().await?;
-        daemon.configure(&args, &held, None)?;
-        daemon.start().await?;
-        let refill = fill(&args, &daemon, "again").await?;
-        anyhow::ensure!(
-            refill.errors == 0,
-            "edits refused: {:?}",
-            refill.first_error
-        );
-        daemon.settle(args.edits).await?;
-        let refill_disk = daemon.disk().await;
-        let refill_memory = daemon.memory()?;
-        progress(&format!(
-            "refilled at {:.0} edits/s: {refill_disk}",
-            refill.rate
-        ));
-        report["refill"] = json!({
-            "seconds": refill.seconds, "rate": refill.rate, "disk": refill_disk,
-            "memory": refill_memory,
-        });
-        refill_row = Some((refill, refill_disk));
-    }
-    daemon.kill().await?;
-    held.shutdown().await;
+    report["cycles"] = serde_json::to_value(&cycles)?;
 
     let targets = vec![
         Target::new(
@@ -283,24 +246,51 @@ async fn run(args: Args) -> anyhow::Result<()> {
             format!("{:.0} edits/s ({:.1} s)", fill.rate, fill.seconds),
         ),
         ("daemon memory with backlog", memory.to_string()),
+        (
+            "index alone (zoomq::queue::State)",
+            format!(
+                "{} ({:.0} B/edit; VmHWM {}), {:.2} s to build",
+                mb(index.bytes()),
+                index.bytes() as f64 / args.edits as f64,
+                mb(index.hwm_kib * 1024),
+                index.seconds
+            ),
+        ),
         ("data dir with backlog", disk.to_string()),
         ("SIGTERM: stop", secs_text(term_stop)),
         ("SIGTERM: restart to ping", start_text(&term)),
         ("SIGTERM: memory after restart", term_memory.to_string()),
         ("SIGKILL: restart to ping", start_text(&kill)),
         ("SIGKILL: memory after restart", kill_memory.to_string()),
-        ("drain", drain.to_string()),
-        ("daemon memory at end of drain", drain_memory.to_string()),
-        ("data dir after drain", disk_drained.to_string()),
-        ("data dir after graceful stop", disk_stopped.to_string()),
-        ("data dir after restart", disk_restarted.to_string()),
-        ("restart of drained db to ping", start_text(&after)),
     ]);
-    if let Some((refill, refill_disk)) = &refill_row {
-        print_table(&[
-            ("refill rate", format!("{:.0} edits/s", refill.rate)),
-            ("data dir after refill", refill_disk.to_string()),
-        ]);
+    for (n, cycle) in cycles.iter().enumerate() {
+        let row = |what: &str| format!("cycle {}: {what}", n + 1);
+        let mut rows = vec![
+            (row("start with backlog"), start_text(&cycle.start)),
+            (row("drain"), cycle.drain.to_string()),
+            (
+                row("memory at end of drain"),
+                cycle.memory_drained.to_string(),
+            ),
+            (row("data dir after drain"), cycle.disk_drained.to_string()),
+            (row("data dir after stop"), cycle.disk_stopped.to_string()),
+            (row("restart of drained db"), start_text(&cycle.restart)),
+            (
+                row("data dir after restart"),
+                cycle.disk_restarted.to_string(),
+            ),
+            (
+                row("memory after restart"),
+                cycle.memory_restarted.to_string(),
+            ),
+        ];
+        if let Some(refill) = &cycle.refill {
+            rows.push((row("refill rate"), format!("{:.0} edits/s", refill.rate)));
+            rows.push((row("data dir after refill"), refill.disk.to_string()));
+            rows.push((row("memory after refill"), refill.memory.to_string()));
+        }
+        let rows: Vec<(&str, String)> = rows.iter().map(|(w, v)| (w.as_str(), v.clone())).collect();
+        print_table(&rows);
     }
     println!();
     for t in &targets {
@@ -520,14 +510,8 @@ impl Daemon {
     }
 
     fn memory(&self) -> anyhow::Result<Memory> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?))?;
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix(name))
-                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-                .unwrap_or(0)
-        };
+        let pid = self.pid()?;
+        let field = |name: &str| read_status_kib(pid, name);
         Ok(Memory {
             rss_kib: field("VmRSS:"),
             hwm_kib: field("VmHWM:"),
@@ -641,16 +625,17 @@ struct Fill {
 /// What each edit looks like.
 #[derive(Debug, Clone, Copy)]
 struct Shape {
-    prefix: &'static str,
+    /// Fill number: 0 for the first fill, then the cycle whose refill this is.
+    round: u32,
     connections: u64,
     accounts: u64,
     edits: u64,
     content_bytes: usize,
 }
 
-async fn fill(args: &Args, daemon: &Daemon, prefix: &'static str) -> anyhow::Result<Fill> {
+async fn fill_queue(args: &Args, daemon: &Daemon, round: u32) -> anyhow::Result<Fill> {
     let shape = Shape {
-        prefix,
+        round,
         connections: args.connections,
         accounts: args.accounts,
         edits: args.edits,
@@ -760,20 +745,17 @@ async fn produce(
     Ok(outcome)
 }
 
-/// Appends the request line of edit `index`: message `<prefix>-<index>` on account
+/// Appends the request line of edit `index`: message [`message_id`] on account
 /// `acct-<index % accounts>`, whose content names the message (so a delivery can be checked)
 /// and is padded to exactly `content_bytes`.
 fn push_edit(out: &mut Vec<u8>, shape: Shape, index: u64) {
     const FILLER: &[u8] = b"step 3 of 7 done, all checks green; ";
-    let head = format!(
-        r#"{{"head":{{"text":"{}-{index}"}},"body":[{{"type":"message","text":""#,
-        shape.prefix
-    );
+    let message = message_id(shape.round, index);
+    let head = format!(r#"{{"head":{{"text":"{message}"}},"body":[{{"type":"message","text":""#);
     const TAIL: &str = r#""}]}"#;
     write!(
         out,
-        r#"{{"op":"edit","message_id":"{}-{index}","account_id":"{}","robot_jid":"scale-bot@xmpp.zoom.us","content":{head}"#,
-        shape.prefix,
+        r#"{{"op":"edit","message_id":"{message}","account_id":"{}","robot_jid":"scale-bot@xmpp.zoom.us","content":{head}"#,
         account_id(index % shape.accounts)
     )
     .expect("writing to a Vec");
@@ -831,7 +813,185 @@ async fn sample_rss(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Drain.
+// The index alone.
+
+/// What the in-memory index of the backlog costs by itself: measured in a fresh process (this
+/// executable with `--index-probe`), so neither sled nor the sandbox is in the figures.
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
+struct IndexProbe {
+    rss_before_kib: u64,
+    rss_after_kib: u64,
+    hwm_kib: u64,
+    /// Time to restore every job into the index, as recovery does.
+    seconds: f64,
+}
+
+impl IndexProbe {
+    fn bytes(&self) -> u64 {
+        self.rss_after_kib.saturating_sub(self.rss_before_kib) * 1024
+    }
+}
+
+async fn run_index_probe(args: &Args) -> anyhow::Result<IndexProbe> {
+    let output = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("--index-probe")
+        .arg("--edits")
+        .arg(args.edits.to_string())
+        .arg("--accounts")
+        .arg(args.accounts.to_string())
+        .output()
+        .await?;
+    anyhow::ensure!(
+        output.status.success(),
+        "index probe failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+/// Restores `--edits` pending jobs, named as the fill names them, into a fresh
+/// [`zoomq::queue::State`], exactly as recovery does, and prints the resident memory it took.
+fn index_probe(args: &Args) -> anyhow::Result<()> {
+    let pid = std::process::id();
+    let rss_before_kib = read_status_kib(pid, "VmRSS:");
+    let started = Instant::now();
+    let mut state = zoomq::queue::State::new(1);
+    let mut message = String::new();
+    for index in 0..args.edits {
+        message.clear();
+        write!(message, "m0-{index}")?;
+        state.restore(
+            &message,
+            &account_id(index % args.accounts),
+            index + 1,
+            0,
+            0,
+        );
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    anyhow::ensure!(state.pending() == args.edits);
+    let probe = IndexProbe {
+        rss_before_kib,
+        rss_after_kib: read_status_kib(pid, "VmRSS:"),
+        hwm_kib: read_status_kib(pid, "VmHWM:"),
+        seconds,
+    };
+    println!("{}", serde_json::to_string(&probe)?);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Drain and refill.
+
+/// One drain-and-refill cycle.
+#[derive(Debug, Clone, Serialize)]
+struct Cycle {
+    /// Start of the draining daemon, with the whole backlog to recover.
+    start: Started,
+    drain: Drain,
+    /// Messages whose content was checked at the sandbox.
+    checked_messages: u64,
+    memory_drained: Memory,
+    disk_drained: Disk,
+    stop_seconds: f64,
+    disk_stopped: Disk,
+    /// Start on the drained database.
+    restart: Started,
+    stats_restarted: Value,
+    disk_restarted: Disk,
+    memory_restarted: Memory,
+    refill: Option<Refill>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Refill {
+    seconds: f64,
+    rate: f64,
+    disk: Disk,
+    memory: Memory,
+}
+
+/// Step 4 (and 5 unless `--no-refill`) on a stopped daemon holding the backlog of fill
+/// `round - 1`. Leaves the daemon running (refilled, delivery held) or stopped.
+async fn drain_and_refill(
+    args: &Args,
+    daemon: &mut Daemon,
+    held: &Sandbox,
+    round: u32,
+) -> anyhow::Result<Cycle> {
+    let fast = Sandbox::start(SandboxConfig {
+        accounts: (0..args.accounts)
+            .map(|a| {
+                let settings = AccountSettings {
+                    capacity_per_second: Some(100_000),
+                    ..AccountSettings::default()
+                };
+                (account_id(a), settings)
+            })
+            .collect(),
+        request_log_capacity: 0,
+        ..SandboxConfig::default()
+    })
+    .await?;
+    daemon.configure(args, &fast, Some(args.account_rate))?;
+    let start = daemon.start().await?;
+    progress(&format!(
+        "cycle {round}: draining (ready in {})",
+        secs_text(start.ready)
+    ));
+    let drain = drain_queue(args, daemon).await?;
+    let checked_messages = check_delivered(args, &fast, &drain, round - 1)?;
+    let memory_drained = daemon.memory()?;
+    let disk_drained = daemon.disk().await;
+    let stop = daemon.terminate().await?;
+    let disk_stopped = daemon.disk().await;
+    let restart = daemon.start().await?;
+    let stats_restarted = daemon.stats().await?;
+    // Let sled's background work after a start settle before measuring.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let disk_restarted = daemon.disk().await;
+    let memory_restarted = daemon.memory()?;
+    progress(&format!(
+        "cycle {round}: {drain}; data dir after drain {disk_drained}, after stop {disk_stopped}, \
+         after restart {disk_restarted}"
+    ));
+    daemon.terminate().await?;
+    fast.shutdown().await;
+    let mut refill = None;
+    if !args.no_refill {
+        daemon.configure(args, held, None)?;
+        daemon.start().await?;
+        let fill = fill_queue(args, daemon, round).await?;
+        anyhow::ensure!(fill.errors == 0, "edits refused: {:?}", fill.first_error);
+        daemon.settle(args.edits).await?;
+        let disk = daemon.disk().await;
+        progress(&format!(
+            "cycle {round}: refilled at {:.0} edits/s: {disk}",
+            fill.rate
+        ));
+        refill = Some(Refill {
+            seconds: fill.seconds,
+            rate: fill.rate,
+            disk,
+            memory: daemon.memory()?,
+        });
+        daemon.terminate().await?;
+    }
+    Ok(Cycle {
+        start,
+        drain,
+        checked_messages,
+        memory_drained,
+        disk_drained,
+        stop_seconds: stop.as_secs_f64(),
+        disk_stopped,
+        restart,
+        stats_restarted,
+        disk_restarted,
+        memory_restarted,
+        refill,
+    })
+}
 
 #[derive(Debug, Clone, Serialize)]
 struct Drain {
@@ -865,7 +1025,7 @@ impl std::fmt::Display for Drain {
     }
 }
 
-async fn drain(args: &Args, daemon: &Daemon) -> anyhow::Result<Drain> {
+async fn drain_queue(args: &Args, daemon: &Daemon) -> anyhow::Result<Drain> {
     let started = Instant::now();
     let limit = Duration::from_secs_f64(args.drain_limit);
     let pid = daemon.pid()?;
@@ -921,7 +1081,12 @@ async fn drain(args: &Args, daemon: &Daemon) -> anyhow::Result<Drain> {
 
 /// Checks at the sandbox that every delivered edit arrived once, and that a sample of messages
 /// shows the content that was enqueued. Returns how many messages were checked.
-fn check_delivered(args: &Args, sandbox: &Sandbox, drain: &Drain) -> anyhow::Result<u64> {
+fn check_delivered(
+    args: &Args,
+    sandbox: &Sandbox,
+    drain: &Drain,
+    round: u32,
+) -> anyhow::Result<u64> {
     let stats = sandbox.stats();
     let ok = stats.by_status.get(&200).copied().unwrap_or(0);
     anyhow::ensure!(
@@ -934,7 +1099,7 @@ fn check_delivered(args: &Args, sandbox: &Sandbox, drain: &Drain) -> anyhow::Res
     let mut checked = 0;
     let step = (args.edits / 1000).max(1);
     for index in (0..args.edits).step_by(step as usize) {
-        let id = format!("scale-{index}");
+        let id = message_id(round, index);
         if let Some(message) = sandbox.message(&id) {
             let text = message.content.as_ref().map(|c| c["head"]["text"].clone());
             anyhow::ensure!(text == Some(json!(id)), "{id} shows {text:?}");
@@ -986,10 +1151,15 @@ async fn sled_size(addr: std::net::SocketAddr) -> Option<u64> {
 }
 
 fn read_rss_kib(pid: u32) -> u64 {
+    read_status_kib(pid, "VmRSS:")
+}
+
+/// A `kB` field of `/proc/PID/status`, such as `VmRSS:`; 0 if unreadable.
+fn read_status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
@@ -1062,7 +1232,10 @@ fn machine(dir: &Path) -> Value {
 /// The 1, 5 and 15 minute load averages: the machine may be shared with other work.
 fn loadavg() -> String {
     let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    text.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    text.split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1115,6 +1288,11 @@ fn start_text(start: &Started) -> String {
         Some(ms) => format!("{} (queue recovery {ms} ms)", secs_text(start.ready)),
         None => secs_text(start.ready),
     }
+}
+
+/// Message `index` of fill `round`.
+fn message_id(round: u32, index: u64) -> String {
+    format!("m{round}-{index}")
 }
 
 fn account_id(index: u64) -> String {
