@@ -273,7 +273,7 @@ impl Dispatcher {
                     attempts = job.header.attempts, status = ?status, %detail,
                     retry_in_s = delay.as_secs_f64(), "transient failure; will retry");
                 self.metrics.retries.inc();
-                let (superseded, commit) = self.queue.retry_later(&job);
+                let (superseded, commit) = self.queue.retry_later(&job, true);
                 if superseded {
                     tracing::debug!(job_id = job.seq, "superseded by a newer edit; dropped");
                 }
@@ -302,7 +302,7 @@ impl Dispatcher {
     fn put_back(&self, job: &Job) {
         let mut job = job.clone();
         job.header.next_attempt_ms = 0;
-        let (_, commit) = self.queue.retry_later(&job);
+        let (_, commit) = self.queue.retry_later(&job, false);
         self.finish(commit);
     }
 

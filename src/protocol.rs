@@ -408,6 +408,16 @@ fn content(value: Option<&RawValue>) -> Result<Box<RawValue>, ProtocolError> {
             "field `content`: the object is empty; Zoom rejects empty messages",
         ));
     }
+    // JSON's grammar allows `\ud800` alone, which is not Unicode and which strict parsers
+    // (Zoom's among them, presumably) refuse. Only text with `\u` escapes can hold one, so
+    // only that text pays for a full parse.
+    if text.contains("\\u") {
+        if let Err(e) = serde_json::from_str::<serde_json::Value>(text) {
+            return Err(ProtocolError::bad(format!(
+                "field `content`: invalid string escape ({e})"
+            )));
+        }
+    }
     Ok(value.to_owned())
 }
 
@@ -486,6 +496,15 @@ mod tests {
         assert!(err("{\"op\":").contains("invalid JSON"));
         assert!(err("[]").contains("expected a JSON object"));
         assert!(err("nope").contains("invalid JSON"));
+    }
+
+    #[test]
+    fn rejects_lone_surrogates_in_content() {
+        let line = GOOD.replace(r#""hi""#, r#""\ud800""#);
+        assert!(err(&line).contains("invalid string escape"), "{line}");
+        // A proper pair is fine.
+        let line = GOOD.replace(r#""hi""#, r#""\ud83d\ude00""#);
+        assert!(parse_request(line.as_bytes()).is_ok());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! dead. Each transition changes the index and appends its writes under one lock.
 
 use super::store::{key, put_json, Op, StoreError, CONTENT, DEAD, JOB};
-use super::{now_ms, Commit, DeadInfo, DeadRecord, Job, Queue};
+use super::{now_ms, Commit, Core, DeadInfo, DeadRecord, Job, Queue};
 
 impl Queue {
     /// Claims the oldest ready job of `account`, reading its content from disk.
@@ -55,13 +55,9 @@ impl Queue {
             Err(e) => {
                 // Put it back where it was; the dispatcher will retry later.
                 let mut core = self.shared.lock();
-                if let Some(finished) =
-                    core.state
-                        .requeue(&claim.message, claim.seq, now_ms() + 1000, now_ms())
-                {
-                    self.shared.announce(finished.announce);
-                }
-                self.shared.timer_changed.notify_one();
+                let due = now_ms() + 1000;
+                self.requeue_locked(&mut core, &claim.message, claim.seq, due, false);
+                drop(core);
                 Err(e)
             }
         }
@@ -77,33 +73,47 @@ impl Queue {
         self.shared.commit_locked(core)
     }
 
-    /// The job failed transiently: store its new retry state (`job.header`, updated by the
-    /// caller) and make it pending again, unless a newer edit superseded it. Returns whether
-    /// it was superseded.
-    pub fn retry_later(&self, job: &Job) -> (bool, Commit) {
+    /// Puts a claimed job back in line: after a transient failure (`failed`, with the new
+    /// retry state in `job.header`, stored before the job can be claimed again) or unsent
+    /// (a 429, no token). A job whose message got a newer edit meanwhile is dropped instead.
+    /// Returns whether it was superseded.
+    pub fn retry_later(&self, job: &Job, failed: bool) -> (bool, Commit) {
         let mut core = self.shared.lock();
-        let now = now_ms();
-        let requeued = core.state.requeue(
+        let superseded = self.requeue_locked(
+            &mut core,
             &job.header.message_id,
             job.seq,
             job.header.next_attempt_ms,
-            now,
+            failed,
         );
-        let superseded = match requeued {
-            Some(finished) => {
-                core.write_header(job.seq, job.header.clone());
-                self.shared.announce(finished.announce);
-                self.shared.timer_changed.notify_one();
-                false
-            }
-            None => {
-                core.batch.push(Op::Del(key(JOB, job.seq)));
-                core.batch.push(Op::Del(key(CONTENT, job.seq)));
-                self.shared.metrics.edits_superseded.inc();
-                true
-            }
-        };
+        if !superseded {
+            core.write_header(job.seq, job.header.clone());
+        }
         (superseded, self.shared.commit_locked(core))
+    }
+
+    /// The in-flight job goes back to pending, or is dropped (records deleted) when a newer
+    /// pending job supersedes it. Returns whether it was superseded.
+    fn requeue_locked(
+        &self,
+        core: &mut Core,
+        message: &str,
+        seq: u64,
+        due_ms: u64,
+        failed: bool,
+    ) -> bool {
+        let Some(requeued) = core.state.requeue(message, seq, due_ms, now_ms(), failed) else {
+            return false;
+        };
+        self.shared.announce(requeued.announce);
+        if requeued.superseded {
+            core.batch.push(Op::Del(key(JOB, seq)));
+            core.batch.push(Op::Del(key(CONTENT, seq)));
+            self.shared.metrics.edits_superseded.inc();
+        } else {
+            self.shared.timer_changed.notify_one();
+        }
+        requeued.superseded
     }
 
     /// The job can never succeed: move it to the dead letters.

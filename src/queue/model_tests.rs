@@ -37,7 +37,7 @@ const FOREVER_MS: u64 = u64::MAX;
 /// - double announcement: enqueue(m1, a); enqueue(m1, b) moves the job and releases `a`'s line
 ///   with its `announced` flag while `a` is still in the ring; enqueue(m2, a) announces `a`
 ///   again.
-const CHECK_ANNOUNCEMENTS: bool = false;
+const CHECK_ANNOUNCEMENTS: bool = true;
 
 /// One step of a test case. Indices are into the small universe; `pick` selects one of the
 /// jobs in flight (modulo their number), so shrinking keeps cases meaningful.
@@ -99,6 +99,8 @@ struct Pending {
     /// In the timer set: placed (or re-placed) while its due time was still ahead, and not
     /// promoted since.
     waiting: bool,
+    /// Its content was sent and failed (requeued), and no newer edit replaced it since.
+    failed: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -282,6 +284,7 @@ impl Harness {
                 );
                 let pending = model.messages[message].pending.as_mut().expect("pending");
                 pending.job.version = version;
+                pending.failed = false;
                 if old_account != account {
                     pending.job.account = account;
                     model.place(message);
@@ -303,6 +306,7 @@ impl Harness {
                         due_ms: 0,
                     },
                     waiting: false,
+                    failed: false,
                 });
                 announce
             }
@@ -362,9 +366,13 @@ impl Harness {
     }
 
     fn requeue(&mut self, message: usize, job: Job, due_ms: u64) {
-        let requeued =
-            self.state
-                .requeue(&message_name(message), job.seq, due_ms, self.model.now_ms);
+        let requeued = self.state.requeue(
+            &message_name(message),
+            job.seq,
+            due_ms,
+            self.model.now_ms,
+            true,
+        );
         let slot = &mut self.model.messages[message];
         slot.in_flight = None;
         let superseded = slot.pending.is_some();
@@ -372,15 +380,16 @@ impl Harness {
             slot.pending = Some(Pending {
                 job: Job { due_ms, ..job },
                 waiting: false,
+                failed: true,
             });
         }
         self.model.place(message);
+        let requeued = requeued.expect("the job was in flight");
         assert_eq!(
-            requeued.is_none(),
-            superseded,
+            requeued.superseded, superseded,
             "requeue is superseded exactly when the message has a pending job"
         );
-        self.announced(requeued.and_then(|f| f.announce));
+        self.announced(requeued.announce);
     }
 
     fn restart(&mut self) {
@@ -402,9 +411,11 @@ impl Harness {
             // Jobs come in id order, so a second job of a message is the newer one and wins.
             let older = expected[message].pending.map(|p| p.job.seq);
             assert_eq!(superseded, older, "restore of job {} of {message}", job.seq);
+            // Whether the content failed is not stored: after a restart it never has.
             expected[message].pending = Some(Pending {
                 job,
                 waiting: job.due_ms > model.now_ms,
+                failed: false,
             });
         }
         // Every stored job became pending; of two for one message, the newer one.
@@ -462,6 +473,11 @@ impl Harness {
                     "{name} waiting for its retry time"
                 );
             }
+            assert_eq!(
+                state.pending_failed(&name),
+                slot.pending.is_some_and(|p| p.failed),
+                "{name}'s pending content failed before"
+            );
             n_pending += u64::from(slot.pending.is_some());
             n_in_flight += u64::from(slot.in_flight.is_some());
             if let Some(account) = slot.account() {

@@ -70,6 +70,15 @@ pub struct Claim {
     pub more: bool,
 }
 
+/// What putting an in-flight job back did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requeued {
+    /// The message had a newer pending job, so this one was dropped instead.
+    pub superseded: bool,
+    /// An account that just got ready work.
+    pub announce: Option<Arc<str>>,
+}
+
 /// What finishing an in-flight job did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finished {
@@ -108,7 +117,8 @@ impl State {
     }
     /// Accounts with any pending or in-flight job.
     pub fn accounts(&self) -> usize {
-        self.accounts.len()
+        // Lines kept only for the dispatcher's ring (no message names them) do not count.
+        self.accounts.values().filter(|line| line.slots > 0).count()
     }
 
     /// The `n` accounts with the most ready jobs, largest first.
@@ -116,6 +126,7 @@ impl State {
         let mut all: Vec<(Arc<str>, usize)> = self
             .accounts
             .iter()
+            .filter(|(_, line)| line.slots > 0)
             .map(|(account, line)| (account.clone(), line.ready.len()))
             .collect();
         if all.len() > n {
@@ -233,6 +244,10 @@ impl State {
         let line = self.accounts.get_mut(account)?;
         let Some((seq, message)) = line.ready.pop_first() else {
             line.announced = false;
+            if line.slots == 0 {
+                // Kept only while the dispatcher held it in its ring (see release_account).
+                self.accounts.remove(account);
+            }
             return None;
         };
         let more = !line.ready.is_empty();
@@ -272,35 +287,44 @@ impl State {
         Finished { announce }
     }
 
-    /// The in-flight job `seq` goes back to pending, due at `due_ms`, unless the message has
-    /// a newer pending job: then it is superseded and `None` is returned.
+    /// The in-flight job `seq` goes back to pending, due at `due_ms` (`failed`: its content
+    /// was sent and failed), unless the message has a newer pending job: then it is superseded
+    /// and finished instead. `None` when `seq` is not the message's in-flight job.
     pub fn requeue(
         &mut self,
         message: &str,
         seq: u64,
         due_ms: u64,
         now_ms: u64,
-    ) -> Option<Finished> {
+        failed: bool,
+    ) -> Option<Requeued> {
         let slot = self.slots.get_mut(message)?;
         if slot.in_flight != Some(seq) {
             return None;
         }
         if slot.pending.is_some() {
-            self.finish(message, seq, now_ms);
-            return None;
+            // The newer pending job may become ready now: pass its announcement on.
+            let finished = self.finish(message, seq, now_ms);
+            return Some(Requeued {
+                superseded: true,
+                announce: finished.announce,
+            });
         }
         slot.in_flight = None;
         self.in_flight -= 1;
         let pending = PendingJob {
             seq,
             due_ms,
-            failed: true,
+            failed,
         };
         slot.pending = Some(pending);
         self.pending += 1;
         let message_key = slot.message.clone();
         let announce = self.place(&message_key, pending, now_ms);
-        Some(Finished { announce })
+        Some(Requeued {
+            superseded: false,
+            announce,
+        })
     }
 
     /// The earliest retry time of a delayed job.
@@ -442,7 +466,10 @@ impl State {
     fn release_account(&mut self, account: &Arc<str>) {
         if let Some(line) = self.accounts.get_mut(account) {
             line.slots -= 1;
-            if line.slots == 0 {
+            // A line the dispatcher still holds in its ring (announced) stays until a claim
+            // finds it empty; dropping it now would announce the account twice if it got work
+            // again meanwhile.
+            if line.slots == 0 && !line.announced {
                 debug_assert!(line.ready.is_empty());
                 self.accounts.remove(account);
             }
@@ -477,7 +504,10 @@ impl State {
                 .filter(|s| &s.account == account)
                 .count();
             assert_eq!(line.slots, naming, "slot count of {account}");
-            assert!(line.slots > 0);
+            assert!(
+                line.slots > 0 || line.announced,
+                "idle line of {account} kept"
+            );
         }
     }
 }
@@ -524,14 +554,22 @@ mod tests {
         let mut state = State::new(1);
         state.enqueue("m", "a", 0);
         let claim = state.claim("a").unwrap();
-        assert!(state.requeue("m", claim.seq, 1_000, 0).is_some());
+        assert!(
+            !state
+                .requeue("m", claim.seq, 1_000, 0, true)
+                .unwrap()
+                .superseded
+        );
         assert!(state.claim("a").is_none());
         assert_eq!(state.next_due_ms(), Some(1_000));
         assert_eq!(state.promote_due(1_000), vec![Arc::<str>::from("a")]);
         let claim = state.claim("a").unwrap();
         state.enqueue("m", "a", 0);
         assert!(
-            state.requeue("m", claim.seq, 5_000, 0).is_none(),
+            state
+                .requeue("m", claim.seq, 5_000, 0, true)
+                .unwrap()
+                .superseded,
             "superseded"
         );
         assert_eq!(state.pending(), 1);

@@ -101,7 +101,7 @@ async fn retry_state_and_dead_letters_survive_restart() {
         let mut job = queue.claim("a").unwrap().unwrap();
         job.header.attempts = 3;
         job.header.next_attempt_ms = due;
-        let (superseded, commit) = queue.retry_later(&job);
+        let (superseded, commit) = queue.retry_later(&job, true);
         assert!(!superseded);
         wait(commit).await.unwrap();
         let job2 = queue.claim("a").unwrap().unwrap();
