@@ -289,7 +289,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             rows.push((row("data dir after refill"), refill.disk.to_string()));
             rows.push((row("memory after refill"), refill.memory.to_string()));
         }
-        let rows: Vec<(&str, String)> = rows.iter().map(|(w, v)| (w.as_str(), v.clone())).collect();
         print_table(&rows);
     }
     println!();
@@ -570,13 +569,14 @@ impl Memory {
 
 impl std::fmt::Display for Memory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mb = |kib: u64| kib as f64 * 1024.0 / 1e6;
         write!(
             f,
-            "VmRSS {} (anon {}, file {}), VmHWM {}",
-            mb(self.rss_bytes()),
-            mb(self.anon_kib * 1024),
-            mb(self.file_kib * 1024),
-            mb(self.hwm_bytes())
+            "VmRSS {:.1} MB (anon {:.1}, file {:.1}), VmHWM {:.1} MB",
+            mb(self.rss_kib),
+            mb(self.anon_kib),
+            mb(self.file_kib),
+            mb(self.hwm_kib)
         )
     }
 }
@@ -595,15 +595,16 @@ struct Disk {
 
 impl std::fmt::Display for Disk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mb = |bytes: u64| bytes as f64 / 1e6;
         write!(
             f,
-            "{} in {} files ({} allocated",
+            "{:.1} MB in {} files ({:.1} MB allocated",
             mb(self.apparent),
             self.files,
             mb(self.allocated)
         )?;
         match self.sled {
-            Some(sled) => write!(f, ", sled says {})", mb(sled)),
+            Some(sled) => write!(f, ", sled says {:.1} MB)", mb(sled)),
             None => write!(f, ")"),
         }
     }
@@ -1271,10 +1272,9 @@ fn restart_target(what: &'static str, start: &Started, backlog: &Backlog, edits:
     )
 }
 
-fn print_table(rows: &[(&str, String)]) {
-    let width = rows.iter().map(|(what, _)| what.len()).max().unwrap_or(0);
+fn print_table<S: AsRef<str>>(rows: &[(S, String)]) {
     for (what, value) in rows {
-        println!("{what:<width$}  {value}");
+        println!("{:<34}  {value}", what.as_ref());
     }
 }
 
