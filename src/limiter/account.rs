@@ -29,9 +29,16 @@ pub(super) const MAX_PAUSE: Duration = Duration::from_secs(2 * 86_400);
 const MIN_RATE: f64 = 0.001;
 const MAX_RATE: f64 = 1_000_000.0;
 /// The adaptive rate never goes below `max(ABSOLUTE_FLOOR, policy * POLICY_FRACTION)` (nor above
-/// the policy), and recovers by `policy * POLICY_FRACTION` per second without a 429.
+/// the policy); recovery adds `policy * INCREASE_FRACTION` per second without a 429.
 const ABSOLUTE_FLOOR: f64 = 0.2;
 const POLICY_FRACTION: f64 = 1.0 / 20.0;
+/// A QPS 429 multiplies the rate by this. Gentler than halving: when another app takes a
+/// steady share of the account's quota, the rate saw-tooths just under the share that is left
+/// instead of spending half its time at half of it (measured: benches/drain.rs `shared`).
+const DECREASE_FACTOR: f64 = 0.8;
+/// Recovery per 429-free second, as a share of the policy rate: slow enough that the probing
+/// above the free share costs few 429s.
+const INCREASE_FRACTION: f64 = 1.0 / 40.0;
 /// 429s arriving this soon after a decrease answer requests sent at the old rate, so they do not
 /// halve the rate again (a burst of in-flight 429s would otherwise drop it straight to the floor).
 const DECREASE_GUARD: Duration = Duration::from_secs(1);
@@ -230,7 +237,7 @@ impl<C: Clock + Clone> Account<C> {
             let floor = (self.policy.rate * POLICY_FRACTION)
                 .max(ABSOLUTE_FLOOR)
                 .min(self.policy.rate);
-            let decreased = (self.rate * 0.5).max(floor);
+            let decreased = (self.rate * DECREASE_FACTOR).max(floor);
             if decreased < self.rate {
                 tracing::debug!(
                     from = self.rate,
@@ -280,7 +287,7 @@ impl<C: Clock + Clone> Account<C> {
     }
 
     fn step(&self) -> f64 {
-        self.policy.rate * POLICY_FRACTION
+        self.policy.rate * INCREASE_FRACTION
     }
 }
 
