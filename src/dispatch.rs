@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use crate::health::Health;
 use crate::limiter::{LimitKind, Limiters};
 use crate::metrics::Metrics;
-use crate::queue::{self, now_ms, DeadInfo, Job, Queue};
+use crate::queue::{self, now_ms, Claimed, DeadInfo, Head, Job, Queue};
 use crate::retry::RetryPolicy;
 use crate::zoom::{Outcome, ZoomClient};
 
@@ -118,7 +118,7 @@ impl Dispatcher {
             while let Ok(account) = self.ready_rx.try_recv() {
                 self.ring.push_back(account);
             }
-            let limiter_wait = self.dispatch_round();
+            let (limiter_wait, not_durable) = self.dispatch_round();
             self.housekeeping();
 
             let wake_in = [
@@ -141,6 +141,7 @@ impl Dispatcher {
                 Some(finished) = self.finished_rx.recv() => self.handle(finished),
                 _ = sleep => {}
                 _ = self.queue.timer_changed() => {}
+                _ = self.queue.committed(), if not_durable => {}
                 // Periodic turn so housekeeping and the watchdog's progress counter move
                 // even when idle.
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -151,16 +152,18 @@ impl Dispatcher {
     }
 
     /// One pass over the ring: every account gets at most one request. Returns how long
-    /// until a throttled account may send again, if any is throttled.
-    fn dispatch_round(&mut self) -> Option<Duration> {
+    /// until a throttled account may send again (if any is throttled), and whether an account
+    /// waits for its oldest job to become durable (then the next commit wakes the loop).
+    fn dispatch_round(&mut self) -> (Option<Duration>, bool) {
         if let Some(until) = self.no_token_until {
             let now = Instant::now();
             if until > now {
-                return Some(until - now);
+                return (Some(until - now), false);
             }
             self.no_token_until = None;
         }
         let mut wait: Option<Duration> = None;
+        let mut not_durable = false;
         for _ in 0..self.ring.len() {
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
                 break; // a finishing request wakes the loop
@@ -168,20 +171,40 @@ impl Dispatcher {
             let Some(account) = self.ring.pop_front() else {
                 break;
             };
+            // Look before taking a rate-limit slot, so that a slot is never spent on nothing.
+            match self.queue.head(&account) {
+                Head::Ready => {}
+                Head::NotDurable => {
+                    not_durable = true;
+                    self.ring.push_back(account);
+                    continue;
+                }
+                Head::Empty => {
+                    // Lets the queue know the account left the ring; it is announced again
+                    // when it has ready work.
+                    let _ = self.queue.claim(&account);
+                    continue;
+                }
+            }
             if let Err(until_allowed) = self.limiters.try_acquire(&account, SystemTime::now()) {
                 wait = Some(wait.map_or(until_allowed, |w| w.min(until_allowed)));
                 self.ring.push_back(account);
                 continue;
             }
             match self.queue.claim(&account) {
-                Ok(Some(job)) => {
+                Ok(Claimed::Job(job)) => {
                     if job.more {
                         self.ring.push_back(account);
                     }
                     self.spawn_request(job, permit);
                 }
+                // A producer's edit replaced the head between the look and the claim.
+                Ok(Claimed::NotDurable) => {
+                    not_durable = true;
+                    self.ring.push_back(account);
+                }
                 // The queue re-announces the account when it has ready work again.
-                Ok(None) => {}
+                Ok(Claimed::Empty) => {}
                 Err(e) => {
                     // The queue put the job back (or dropped an unreadable one); keep the
                     // account in the ring: a claim that finds nothing ready removes it.
@@ -190,7 +213,7 @@ impl Dispatcher {
                 }
             }
         }
-        wait
+        (wait, not_durable)
     }
 
     fn spawn_request(&self, job: Job, permit: tokio::sync::OwnedSemaphorePermit) {

@@ -270,7 +270,7 @@ fn rate_changes_never_grant_early() {
     while harness.elapsed() < Duration::from_secs(120) {
         match rng.random_range(0..1000) {
             0..8 => harness.rate_limited("pro", LimitKind::Qps, None),
-            5..400 => harness.limiters.on_success("pro"),
+            8..400 => harness.limiters.on_success("pro"),
             _ => {
                 if harness.try_acquire("pro").is_ok() {
                     grants.push((harness.elapsed(), harness.rate("pro")));

@@ -1,42 +1,68 @@
-//! The dispatcher's side of the queue: claim an account's oldest ready job (reading its newest
-//! content from the overlay or sled), then finish it: delivered, back in line for a retry, or
-//! dead. Each transition changes the index and appends its writes under one lock.
+//! The dispatcher's side of the queue: claim an account's oldest ready job, then finish it:
+//! delivered, back in line for a retry, or dead. Each transition changes the index and appends
+//! its writes under one lock.
+//!
+//! **Invariant:** only a job whose writes are all committed can be claimed. So Zoom never
+//! receives content that a crash could still take back, and after a restart it never gets an
+//! older edit of a message after a newer one.
 
 use super::store::{key, put_json, Op, StoreError, CONTENT, DEAD, JOB};
 use super::{now_ms, Commit, Core, DeadInfo, DeadRecord, Job, Queue};
 
+/// The state of an account's line, as the dispatcher needs it before taking a rate-limit slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// A job is ready to be claimed.
+    Ready,
+    /// The oldest ready job has writes not yet on disk: wait for [`Queue::committed`].
+    NotDurable,
+    /// Nothing is ready.
+    Empty,
+}
+
+/// What a claim found.
+#[derive(Debug)]
+pub enum Claimed {
+    Job(Job),
+    /// See [`Head::NotDurable`]; the account keeps its place in the dispatcher's ring.
+    NotDurable,
+    /// Nothing ready; the queue announces the account again when it has work.
+    Empty,
+}
+
 impl Queue {
+    /// Whether `account`'s oldest ready job can be claimed now.
+    pub fn head(&self, account: &str) -> Head {
+        let core = self.shared.lock();
+        match core.state.peek_ready(account) {
+            None => Head::Empty,
+            Some(seq) if core.overlay.contains_key(&seq) => Head::NotDurable,
+            Some(_) => Head::Ready,
+        }
+    }
+
     /// Claims the oldest ready job of `account`, reading its content from disk.
-    /// `Ok(None)` means the account has no ready job (and will be announced again when it has).
-    pub fn claim(&self, account: &str) -> Result<Option<Job>, StoreError> {
-        let (claim, overlay) = {
+    pub fn claim(&self, account: &str) -> Result<Claimed, StoreError> {
+        let claim = {
             let mut core = self.shared.lock();
+            if let Some(seq) = core.state.peek_ready(account) {
+                if core.overlay.contains_key(&seq) {
+                    return Ok(Claimed::NotDurable);
+                }
+            }
             let Some(claim) = core.state.claim(account) else {
-                return Ok(None);
+                return Ok(Claimed::Empty);
             };
-            // Writes of this job that are not committed yet are newer than what sled has.
-            let overlay = core
-                .overlay
-                .get(&claim.seq)
-                .map(|o| (o.header.clone(), o.content.clone()));
-            (claim, overlay)
+            claim
         };
-        // The job is in flight now: nothing else writes its records until we finish it, so
-        // whatever the overlay did not have, sled has in its final form.
-        let (header, content) = overlay.unwrap_or_default();
+        // The job is in flight now and all its writes are committed: nothing else writes its
+        // records until we finish it, so sled has them in their final form.
         let loaded = (|| {
-            let header = match header {
-                Some(header) => Some(header),
-                None => self.shared.store()?.header(claim.seq)?,
-            };
-            let content = match content {
-                Some((updated_ms, body)) => Some((updated_ms, body.to_vec())),
-                None => self.shared.store()?.content(claim.seq)?,
-            };
-            Ok::<_, StoreError>(header.zip(content))
+            let store = self.shared.store()?;
+            Ok::<_, StoreError>(store.header(claim.seq)?.zip(store.content(claim.seq)?))
         })();
         match loaded {
-            Ok(Some((header, (updated_ms, body)))) => Ok(Some(Job {
+            Ok(Some((header, (updated_ms, body)))) => Ok(Claimed::Job(Job {
                 seq: claim.seq,
                 header,
                 updated_ms,
@@ -61,6 +87,11 @@ impl Queue {
                 Err(e)
             }
         }
+    }
+
+    /// Resolves after the next successful group commit.
+    pub async fn committed(&self) {
+        self.shared.committed.notified().await
     }
 
     /// The job was delivered: forget it.

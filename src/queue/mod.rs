@@ -28,6 +28,7 @@
 
 mod dead;
 mod delivery;
+pub use delivery::{Claimed, Head};
 mod state;
 mod store;
 mod writer;
@@ -134,17 +135,18 @@ struct Shared {
     ready_tx: mpsc::UnboundedSender<Arc<str>>,
     /// Woken when the earliest retry time may have moved earlier.
     timer_changed: tokio::sync::Notify,
+    /// Woken after each successful group commit (jobs became claimable).
+    committed: tokio::sync::Notify,
     /// Serializes operator commands on the dead letters: each reads sled, so it must see the
     /// previous one's writes committed.
     dead_ops: tokio::sync::Mutex<()>,
 }
 
-/// The newest uncommitted versions of one job's records.
+/// A job with writes not yet committed: the newest of them is in batch `batch_gen`.
 #[derive(Default)]
 struct Overlay {
+    /// Its newest uncommitted header, for the rare enqueue that must rewrite it.
     header: Option<JobHeader>,
-    content: Option<(u64, Arc<Vec<u8>>)>,
-    /// The batch that holds the newest of these writes.
     batch_gen: u64,
 }
 
@@ -155,8 +157,8 @@ struct Core {
     batch: Vec<Op>,
     /// Whoever waits for the writes in `batch` to be durable.
     waiters: Vec<oneshot::Sender<Result<(), String>>>,
-    /// Headers and contents written to `batch` but not yet committed, so that a claim never
-    /// reads an older version from sled than the index promised (see [`Core::write_header`]).
+    /// Jobs with writes in a batch not yet committed: not claimable until they are (see
+    /// `delivery.rs`), so Zoom only ever receives durable content.
     overlay: HashMap<u64, Overlay>,
     /// Number of the batch now accumulating; the writer bumps it when it takes the batch.
     batch_gen: u64,
@@ -239,6 +241,7 @@ impl Queue {
             metrics,
             ready_tx,
             timer_changed: tokio::sync::Notify::new(),
+            committed: tokio::sync::Notify::new(),
             dead_ops: tokio::sync::Mutex::new(()),
         });
         let writer_shared = shared.clone();
@@ -321,7 +324,7 @@ impl Queue {
                     (seq, true, announce)
                 }
             };
-            core.write_content(seq, now, body);
+            core.write_content(seq, now, &body);
             let (tx, rx) = oneshot::channel();
             core.waiters.push(tx);
             if let Some(account) = announce {
@@ -436,12 +439,10 @@ impl Core {
         overlay.batch_gen = self.batch_gen;
     }
 
-    /// Queues a content write and records it in the overlay until it is committed.
-    fn write_content(&mut self, seq: u64, updated_ms: u64, body: Vec<u8>) {
-        self.batch.push(put_content(seq, updated_ms, &body));
-        let overlay = self.overlay.entry(seq).or_default();
-        overlay.content = Some((updated_ms, Arc::new(body)));
-        overlay.batch_gen = self.batch_gen;
+    /// Queues a content write and marks the job not durable until it is committed.
+    fn write_content(&mut self, seq: u64, updated_ms: u64, body: &[u8]) {
+        self.batch.push(put_content(seq, updated_ms, body));
+        self.overlay.entry(seq).or_default().batch_gen = self.batch_gen;
     }
 }
 

@@ -239,6 +239,13 @@ impl State {
         )
     }
 
+    /// The oldest ready job of `account`, without claiming it.
+    pub fn peek_ready(&self, account: &str) -> Option<u64> {
+        self.accounts
+            .get(account)
+            .and_then(|line| line.ready.keys().next().copied())
+    }
+
     /// Takes the oldest ready job of `account`, marking it in flight.
     pub fn claim(&mut self, account: &str) -> Option<Claim> {
         let line = self.accounts.get_mut(account)?;

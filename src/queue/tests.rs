@@ -23,6 +23,17 @@ fn open(dir: &std::path::Path) -> (Queue, mpsc::UnboundedReceiver<Arc<str>>, Rec
     Queue::open(&config, Arc::new(Metrics::new())).unwrap()
 }
 
+impl Queue {
+    /// Claims, expecting every acknowledged write to be committed already.
+    fn claim_now(&self, account: &str) -> Option<Job> {
+        match self.claim(account).unwrap() {
+            Claimed::Job(job) => Some(job),
+            Claimed::Empty => None,
+            Claimed::NotDurable => panic!("an acknowledged edit is not durable"),
+        }
+    }
+}
+
 fn text_of(job: &Job) -> String {
     let body: serde_json::Value = serde_json::from_slice(&job.body).unwrap();
     body["content"]["head"]["text"]
@@ -49,17 +60,17 @@ async fn coalesces_pending_and_serializes_in_flight() {
     assert_eq!(queue.stats().pending, 1);
 
     // Claim it, then enqueue a newer edit: it must wait behind the in-flight one.
-    let job = queue.claim("a").unwrap().unwrap();
+    let job = queue.claim_now("a").unwrap();
     assert_eq!(text_of(&job), "v2");
     let newer = queue.enqueue(&edit("m1", "a", "v3")).await.unwrap();
     assert!(!newer.coalesced);
     assert!(newer.job_id > job.seq);
     assert!(
-        queue.claim("a").unwrap().is_none(),
+        queue.claim_now("a").is_none(),
         "never two in flight for one message"
     );
     wait(queue.complete(&job)).await.unwrap();
-    let next = queue.claim("a").unwrap().unwrap();
+    let next = queue.claim_now("a").unwrap();
     assert_eq!(text_of(&next), "v3");
     wait(queue.complete(&next)).await.unwrap();
     let stats = queue.stats();
@@ -73,7 +84,7 @@ async fn restart_recovers_pending_and_in_flight_keeping_newest() {
         let (queue, _ready, _) = open(dir.path());
         queue.enqueue(&edit("m1", "a", "old")).await.unwrap();
         queue.enqueue(&edit("m2", "b", "only")).await.unwrap();
-        let job = queue.claim("a").unwrap().unwrap();
+        let job = queue.claim_now("a").unwrap();
         assert_eq!(text_of(&job), "old");
         queue.enqueue(&edit("m1", "a", "new")).await.unwrap();
         // Crash with m1's old edit in flight and its newer edit pending.
@@ -85,9 +96,9 @@ async fn restart_recovers_pending_and_in_flight_keeping_newest() {
     let (queue, _ready, recovery) = open(dir.path());
     assert_eq!(recovery.pending, 2);
     assert_eq!(recovery.superseded, 1);
-    let job = queue.claim("a").unwrap().unwrap();
+    let job = queue.claim_now("a").unwrap();
     assert_eq!(text_of(&job), "new");
-    assert_eq!(text_of(&queue.claim("b").unwrap().unwrap()), "only");
+    assert_eq!(text_of(&queue.claim_now("b").unwrap()), "only");
 }
 
 #[tokio::test]
@@ -98,13 +109,13 @@ async fn retry_state_and_dead_letters_survive_restart() {
         let (queue, _ready, _) = open(dir.path());
         queue.enqueue(&edit("m1", "a", "x")).await.unwrap();
         queue.enqueue(&edit("m2", "a", "y")).await.unwrap();
-        let mut job = queue.claim("a").unwrap().unwrap();
+        let mut job = queue.claim_now("a").unwrap();
         job.header.attempts = 3;
         job.header.next_attempt_ms = due;
         let (superseded, commit) = queue.retry_later(&job, true);
         assert!(!superseded);
         wait(commit).await.unwrap();
-        let job2 = queue.claim("a").unwrap().unwrap();
+        let job2 = queue.claim_now("a").unwrap();
         let info = DeadInfo {
             reason: "rejected",
             status: Some(404),
@@ -119,7 +130,7 @@ async fn retry_state_and_dead_letters_survive_restart() {
     let (queue, _ready, recovery) = open(dir.path());
     assert_eq!((recovery.pending, recovery.dead), (1, 1));
     assert!(
-        queue.claim("a").unwrap().is_none(),
+        queue.claim_now("a").is_none(),
         "still waiting for its retry time"
     );
     assert_eq!(queue.next_due_ms(), Some(due));
@@ -131,7 +142,7 @@ async fn retry_state_and_dead_letters_survive_restart() {
     // Retry the dead letter: it is pending again, with its content.
     let outcome = queue.dead_retry(&Selector::All).await.unwrap();
     assert_eq!(outcome.affected, 1);
-    let job = queue.claim("a").unwrap().unwrap();
+    let job = queue.claim_now("a").unwrap();
     assert_eq!(text_of(&job), "y");
     assert_eq!(queue.stats().dead, 0);
 }
@@ -141,7 +152,7 @@ async fn dead_retry_is_superseded_by_pending_edit() {
     let dir = tempfile::tempdir().unwrap();
     let (queue, _ready, _) = open(dir.path());
     queue.enqueue(&edit("m1", "a", "x")).await.unwrap();
-    let job = queue.claim("a").unwrap().unwrap();
+    let job = queue.claim_now("a").unwrap();
     let info = DeadInfo {
         reason: "rejected",
         status: Some(400),
@@ -158,7 +169,7 @@ async fn dead_retry_is_superseded_by_pending_edit() {
             superseded: 1
         }
     );
-    assert_eq!(text_of(&queue.claim("a").unwrap().unwrap()), "newer");
+    assert_eq!(text_of(&queue.claim_now("a").unwrap()), "newer");
     assert!(queue.dead_retry(&Selector::One(job.seq)).await.is_err());
 }
 

@@ -90,6 +90,7 @@ pub(super) fn writer_loop(shared: &Shared, committer: Committer) {
                     }
                 }
                 failures = 0;
+                shared.committed.notify_one();
                 for waiter in waiters {
                     let _ = waiter.send(Ok(()));
                 }
