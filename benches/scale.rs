@@ -24,10 +24,16 @@
 //! 4. **Drain.** Restart against a second sandbox with no token delay, accounts allowed 100,000
 //!    requests/s, `[accounts."<id>"] rate = --account-rate` and `delivery.concurrency = 64`, and
 //!    deliver until nothing is left or `--drain-limit` seconds have passed (then the rate is
-//!    extrapolated to the whole backlog). Data directory size right after, after a graceful stop,
-//!    and after a restart.
+//!    extrapolated to the whole backlog). Every delivery must be a 200 at the sandbox, and a
+//!    sample of 1,000 messages must show the content that was enqueued. Data directory size
+//!    right after, after a graceful stop, and after a restart.
 //! 5. **Refill** (unless `--no-refill`): hold delivery again and enqueue `--edits` new edits on
-//!    the drained database, to see whether the space freed by the drain is reused.
+//!    the drained database, to see whether the space freed by the drain is reused. Steps 4 and
+//!    5 repeat `--cycles` times, so a growing footprint shows.
+//!
+//! `--index-probe` (run by step 2 as a child process) builds the in-memory index of the backlog
+//! alone ([`zoomq::queue::State`], as recovery does) and reports its resident memory and build
+//! time, to tell the index's share of the daemon's memory and restart time from sled's.
 //!
 //! Output: a table, one line per target (`met` or `MISSED`), and one JSON line. A missed target
 //! is reported, not fatal; the exit status is non-zero only when the benchmark itself fails.
@@ -132,10 +138,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .tempdir_in(&parent)
         .with_context(|| format!("cannot create a directory in {}", parent.display()))?;
     let machine = machine(root.path());
-    println!("zoomq scale benchmark on {}", machine["summary"]);
+    println!(
+        "zoomq scale benchmark on {} at {}",
+        machine["summary"],
+        commit()
+    );
     println!("directory {}", root.path().display());
     let mut daemon = Daemon::new(root.path())?;
-    let mut report = json!({"bench": "scale", "machine": machine, "args": &args});
+    let mut report = json!({
+        "bench": "scale", "machine": machine, "args": &args, "commit": commit(),
+    });
 
     // 1. Fill, with delivery held: the token endpoint never answers in time.
     let held = Sandbox::start(SandboxConfig {
@@ -256,7 +268,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 index.seconds
             ),
         ),
-        ("data dir with backlog", disk.to_string()),
+        (
+            "data dir with backlog",
+            format!(
+                "{disk}, {:.0} B/edit",
+                disk.apparent as f64 / args.edits as f64
+            ),
+        ),
         ("SIGTERM: stop", secs_text(term_stop)),
         ("SIGTERM: restart to ping", start_text(&term)),
         ("SIGTERM: memory after restart", term_memory.to_string()),
@@ -1228,6 +1246,24 @@ fn machine(dir: &Path) -> Value {
             loadavg()
         ),
     })
+}
+
+/// The crate's git commit, with `-dirty` when the working tree differs from it.
+fn commit() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let head = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    match git(&["status", "--porcelain", "--untracked-files=no"]) {
+        Some(changes) if !changes.is_empty() => format!("{head}-dirty"),
+        _ => head,
+    }
 }
 
 /// The 1, 5 and 15 minute load averages: the machine may be shared with other work.
