@@ -36,7 +36,6 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use zoomq::config::Config;
 use zoomq::plan::Plan;
 use zoomq::sandbox::{AccountSettings, Sandbox, SandboxConfig};
 
@@ -850,22 +849,13 @@ struct Rig {
 
 impl Rig {
     async fn start(sandbox_config: SandboxConfig, rate_margin: f64) -> anyhow::Result<Rig> {
-        let plan = sandbox_config.default_plan;
         let sandbox = Sandbox::start(sandbox_config)
             .await
             .context("cannot start the sandbox")?;
         let dir = tempfile::Builder::new().prefix("zoomq-drain-").tempdir()?;
-        let mut config = Config::default();
-        config.socket.path = dir.path().join("zoomq.sock");
-        config.storage.path = dir.path().join("data");
-        config.zoom.api_base = sandbox.api_base();
-        config.zoom.token_url = sandbox.token_url();
-        config.zoom.client_id = "sandbox-client".into();
-        config.set_client_secret("sandbox-secret");
-        config.zoom.plan = plan;
+        // Metrics stay off: several daemons may run at once.
+        let mut config = sandbox.daemon_config(dir.path());
         config.delivery.rate_margin = rate_margin;
-        // Several daemons may run at once; none needs the metrics port.
-        config.metrics.listen = String::new();
         config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         let socket = config.socket.path.clone();
         let listener = zoomq::bind_socket(&config.socket)?;

@@ -17,7 +17,6 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
 use crate::plan::Plan;
 use crate::sandbox::{Faults, Sandbox, SandboxConfig};
 
@@ -143,14 +142,7 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     .await
     .context("cannot start the sandbox")?;
 
-    let mut config = Config::default();
-    config.socket.path = dir.path().join("zoomq.sock");
-    config.storage.path = dir.path().join("data");
-    config.zoom.api_base = sandbox.api_base();
-    config.zoom.token_url = sandbox.token_url();
-    config.zoom.client_id = "sandbox-client".into();
-    config.set_client_secret("sandbox-secret");
-    config.zoom.plan = args.plan;
+    let mut config = sandbox.daemon_config(dir.path());
     config.metrics.listen = args.metrics_listen.clone().unwrap_or_default();
     config.delivery.retry_initial = Duration::from_millis(500);
     config.delivery.retry_max = Duration::from_secs(5);

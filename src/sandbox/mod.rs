@@ -298,6 +298,30 @@ impl Sandbox {
         format!("http://{}/oauth/token", self.addr)
     }
 
+    /// A daemon configuration that delivers to this sandbox with its credentials and plan,
+    /// keeping its socket (`zoomq.sock`) and database (`data/`) under `dir`, metrics off.
+    /// The demo and the benchmarks start their daemons from it.
+    pub fn daemon_config(&self, dir: &std::path::Path) -> crate::config::Config {
+        let (client_id, client_secret, plan) = {
+            let state = self.shared.lock();
+            (
+                state.cfg.client_id.clone(),
+                state.cfg.client_secret.clone(),
+                state.cfg.default_plan,
+            )
+        };
+        let mut config = crate::config::Config::default();
+        config.socket.path = dir.join("zoomq.sock");
+        config.storage.path = dir.join("data");
+        config.zoom.api_base = self.api_base();
+        config.zoom.token_url = self.token_url();
+        config.zoom.client_id = client_id;
+        config.set_client_secret(&client_secret);
+        config.zoom.plan = plan;
+        config.metrics.listen = String::new();
+        config
+    }
+
     /// What the sandbox knows about a message id, if any edit request for it arrived.
     pub fn message(&self, message_id: &str) -> Option<MessageRecord> {
         self.shared.lock().message(message_id)
