@@ -20,10 +20,11 @@ done
 [[ -x $bin ]] || { echo "check-live: $bin not built (run cargo build or cargo test first)" >&2; exit 1; }
 
 log=$(mktemp)
-"$bin" demo --metrics-listen "$address" --duration 90s --keep-running </dev/null >"$log" 2>&1 &
+"$bin" demo --metrics-listen "$address" --duration 60s --keep-running </dev/null >"$log" 2>&1 &
 demo=$!
 cleanup() {
-    kill -INT "$demo" 2>/dev/null || true
+    # SIGTERM: a background job of a non-interactive shell starts with SIGINT ignored.
+    kill -TERM "$demo" 2>/dev/null || true
     wait "$demo" 2>/dev/null || true
     rm -f "$log"
 }

@@ -172,6 +172,10 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
     );
 
+    // Ctrl-C or SIGTERM stops the demo cleanly at any point.
+    let stop = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(stop.clone()));
+
     let started = Instant::now();
     let producer = tokio::spawn(produce(
         socket.clone(),
@@ -184,8 +188,15 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut producer = Some(producer);
     let mut last_acked: HashMap<String, Value> = HashMap::new();
     let mut produce_error = None;
+    let mut interrupted = false;
     loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = stop.cancelled() => {
+                interrupted = true;
+                break;
+            }
+        }
         if let Some(handle) = producer.as_ref() {
             if handle.is_finished() {
                 match producer.take().expect("present").await? {
@@ -217,6 +228,16 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
             println!();
             anyhow::bail!("the queue did not drain within two minutes after the producer stopped");
         }
+    }
+    if interrupted {
+        println!("\ninterrupted; stopping");
+        if let Some(handle) = producer {
+            handle.abort();
+        }
+        cancel.cancel();
+        daemon.await??;
+        sandbox.shutdown().await;
+        return Ok(ExitCode::from(130));
     }
     if let Some(e) = produce_error {
         return Err(e.context("the demo producer failed"));
@@ -253,7 +274,7 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     println!("most requests in flight for one message at once: {max_concurrent}");
     if args.keep_running {
         println!("daemon and sandbox keep running; Ctrl-C stops them");
-        tokio::signal::ctrl_c().await?;
+        stop.cancelled().await;
     }
     cancel.cancel();
     daemon.await??;
@@ -271,6 +292,22 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         );
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// Cancels `stop` on SIGINT or SIGTERM.
+async fn cancel_on_signal(stop: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    stop.cancel();
 }
 
 /// The demo producer: pipelines edits over one connection at `rate` per second and returns
