@@ -33,7 +33,6 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
-use zoomq::config::Config;
 use zoomq::sandbox::{Sandbox, SandboxConfig};
 
 /// Size of every edit's `content` object, serialized.
@@ -262,14 +261,8 @@ async fn run_once(
         .prefix("zoomq-bench-")
         .tempdir_in(parent)
         .context("cannot create the run's directory")?;
-    let mut config = Config::default();
-    config.socket.path = dir.path().join("zoomq.sock");
-    config.storage.path = dir.path().join("data");
-    config.zoom.api_base = sandbox.api_base();
-    config.zoom.token_url = sandbox.token_url();
-    config.zoom.client_id = "sandbox-client".into();
-    config.set_client_secret("sandbox-secret");
-    config.metrics.listen = String::new();
+    // Release defaults, aimed at the sandbox, with metrics off.
+    let mut config = sandbox.daemon_config(dir.path());
     // Outside the measurement: the dispatcher's claimed jobs wait for a token that never comes,
     // and stopping would otherwise wait the default 10 s for them after every run.
     config.delivery.shutdown_timeout = Duration::from_millis(500);

@@ -56,10 +56,22 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The disk's state right now: shared machines vary a lot from one minute to the next, so every
+# phase is preceded by this, to tell a slow system from a slow disk moment.
+disk_probe() {
+    local start end
+    start=$(date +%s%N)
+    dd if=/dev/zero of="$work/probe" bs=4k count=200 oflag=dsync status=none
+    end=$(date +%s%N)
+    rm -f "$work/probe"
+    echo "disk probe: $(( (end - start) / 200000 )) us per 4 KiB O_DSYNC write (mean of 200); load avg $(cut -d' ' -f1 /proc/loadavg)"
+}
+
 # ---- zoomq --------------------------------------------------------------------------------------
 zoomq_cmd=(cargo bench --bench enqueue -- --dir "$dir" "${bench_args[@]}")
 section "zoomq: ${zoomq_cmd[*]}"
 cargo bench --bench enqueue --no-run 2>&1 | grep -v '^ *Compiling' || true
+disk_probe
 "${zoomq_cmd[@]}" 2>&1 | grep -v '^ *\(Compiling\|Finished\|Running\)' | tee "$work/zoomq.out"
 zoomq_json="$(grep '^{"bench":"enqueue"' "$work/zoomq.out" | tail -n1)"
 [ -n "$zoomq_json" ] || { echo "the zoomq bench printed no JSON line" >&2; exit 1; }
@@ -84,8 +96,10 @@ redis-cli -p "$redis_port" ping | grep -q PONG || { echo "redis did not start" >
 
 redis_multi_cmd=(redis-benchmark -p "$redis_port" -t lpush -d 1024 -c 64 -n "$redis_n" -P 1 --csv)
 redis_single_cmd=(redis-benchmark -p "$redis_port" -t lpush -d 1024 -c 1 -n "$redis_single_n" -P 1 --csv)
+disk_probe
 echo "\$ ${redis_multi_cmd[*]}"
 "${redis_multi_cmd[@]}" 2>/dev/null | grep '^"' | tee "$work/redis-multi.csv"
+disk_probe
 echo "\$ ${redis_single_cmd[*]}"
 "${redis_single_cmd[@]}" 2>/dev/null | grep '^"' | tee "$work/redis-single.csv"
 kill "$redis_pid"
