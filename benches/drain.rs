@@ -25,6 +25,9 @@
 //! missed target is reported, not fatal: the exit status is non-zero only when the benchmark
 //! itself fails (the daemon or sandbox does not start, an edit is refused, ...).
 
+#[path = "common/host.rs"]
+mod host;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -1031,22 +1034,7 @@ fn print_targets(targets: &[Target]) {
 
 /// nproc, CPU model and memory, for the record.
 fn machine() -> Value {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem_kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem_gib = mem_kib as f64 / (1024.0 * 1024.0);
+    let (nproc, cpu, mem_gib) = host::host();
     json!({
         "nproc": nproc, "cpu": cpu, "mem_gib": (mem_gib * 10.0).round() / 10.0,
         "summary": format!("{nproc} CPUs ({cpu}), {mem_gib:.1} GiB RAM"),

@@ -38,6 +38,9 @@
 //! Output: a table, one line per target (`met` or `MISSED`), and one JSON line. A missed target
 //! is reported, not fatal; the exit status is non-zero only when the benchmark itself fails.
 
+#[path = "common/host.rs"]
+mod host;
+
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::os::unix::fs::MetadataExt;
@@ -1210,22 +1213,7 @@ fn dir_usage(path: &Path) -> (u64, u64, u64) {
 
 /// nproc, CPU model, memory and the data directory's filesystem, for the record.
 fn machine(dir: &Path) -> Value {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem_kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem_gib = mem_kib as f64 / (1024.0 * 1024.0);
+    let (nproc, cpu, mem_gib) = host::host();
     // The filesystem is the mount point that is the longest prefix of the directory.
     let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
