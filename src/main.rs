@@ -253,9 +253,10 @@ fn socket_of(target: &Target) -> anyhow::Result<PathBuf> {
         return Ok(socket.clone());
     }
     if let Some(path) = &target.config {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let config = Config::parse(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        // Only socket.path is needed, but the file is checked (and its errors made safe) as by
+        // `serve`; values are not validated and the secret is not looked for.
+        let config =
+            Config::load_unvalidated(path).map_err(|e| anyhow!("invalid configuration:\n{e}"))?;
         return Ok(config.socket.path);
     }
     Ok(PathBuf::from(DEFAULT_SOCKET_PATH))

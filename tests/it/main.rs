@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod config_errors;
 mod crash;
 mod delivery;
 mod faults;
