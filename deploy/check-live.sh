@@ -4,7 +4,11 @@
 #   - /healthz and /readyz answer,
 #   - `promtool check metrics` reports nothing on the live /metrics output,
 #   - every query of the Grafana dashboard runs through a real Prometheus and returns data
-#     (deploy/check-dashboard.sh).
+#     (deploy/check-dashboard.sh),
+#   - `zoomq stats` shows the per-account rows (limit, allowed, delivered).
+# The demo's daemon runs with the default configuration apart from the sandbox's address and
+# credentials, temporary paths, shorter retry delays and metrics.listen: in particular the
+# default metrics.per_account_series, so the dashboard is checked as a new user sees it.
 # Usage: deploy/check-live.sh [ZOOMQ_BINARY]   (default target/debug/zoomq, as built by cargo test)
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,7 +24,9 @@ done
 [[ -x $bin ]] || { echo "check-live: $bin not built (run cargo build or cargo test first)" >&2; exit 1; }
 
 log=$(mktemp)
-"$bin" demo --metrics-listen "$address" --duration 60s --keep-running </dev/null >"$log" 2>&1 &
+# The producer keeps editing until this script stops the demo, so the dashboard's queries all run
+# under live traffic.
+"$bin" demo --metrics-listen "$address" --duration 10m --keep-running </dev/null >"$log" 2>&1 &
 demo=$!
 cleanup() {
     # SIGTERM: a background job of a non-interactive shell starts with SIGINT ignored.
@@ -41,4 +47,14 @@ sleep 3
 problems=$(curl -fsS "http://$address/metrics" | promtool check metrics 2>&1) || fail "promtool check metrics: $problems"
 [[ -z $problems ]] || fail "promtool check metrics: $problems"
 echo "ok:   /healthz, /readyz, promtool check metrics"
-"$repo/deploy/check-dashboard.sh" "$address"
+"$repo/deploy/check-dashboard.sh" "$address" || fail "dashboard queries (above)"
+
+# The demo's first line names the daemon's socket.
+socket=$(sed -n 's/.*daemon socket \(.*\)$/\1/p' "$log" | head -n 1)
+[[ -S $socket ]] || fail "no daemon socket in the demo's output"
+stats=$("$bin" stats --socket "$socket" --json) || fail "zoomq stats"
+rows=$(jq '.per_account | length' <<<"$stats")
+[[ $rows -gt 0 ]] || fail "zoomq stats shows no per-account rows: $stats"
+echo
+"$bin" stats --socket "$socket"
+echo "ok:   zoomq stats shows $rows per-account row(s)"

@@ -4,7 +4,7 @@
 //! limit, shows live progress, and finally checks that every message shows its last
 //! acknowledged edit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -142,10 +142,7 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     .await
     .context("cannot start the sandbox")?;
 
-    let mut config = sandbox.daemon_config(dir.path());
-    config.metrics.listen = args.metrics_listen.clone().unwrap_or_default();
-    config.delivery.retry_initial = Duration::from_millis(500);
-    config.delivery.retry_max = Duration::from_secs(5);
+    let config = demo_config(&sandbox, dir.path(), args.metrics_listen.clone());
     config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let listener = crate::bind_socket(&config.socket)?;
@@ -186,6 +183,10 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     ));
     // Live status line until the producer is done and the queue has drained.
     let mut producer = Some(producer);
+    // The delivered rate, and the rate of requests Zoom answered (delivered or not): with
+    // faults injected some requests fail, and each still counts against Zoom's limit.
+    let mut delivery = SlidingRate::new(RATE_WINDOW);
+    let mut requests = SlidingRate::new(RATE_WINDOW);
     let mut last_acked: HashMap<String, Value> = HashMap::new();
     let mut produce_error = None;
     let mut interrupted = false;
@@ -207,16 +208,26 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
         let stats = crate::client::request(&socket, &json!({"op": "stats"})).await?;
         let delivered = stats["delivered"].as_u64().unwrap_or(0);
+        let waiting =
+            stats["pending"].as_u64().unwrap_or(0) + stats["in_flight"].as_u64().unwrap_or(0);
+        let now = Instant::now();
+        delivery.sample(now, delivered, waiting > 0);
+        requests.sample(now, answered(&stats), waiting > 0);
+        let limit = account_limit(&stats, account).unwrap_or(f64::from(args.plan.per_second()));
+        let paused = account_row(&stats, account).is_some_and(|row| row["paused"] == true);
         print!(
-            "\r  {:5.1}s  accepted {:6}  coalesced {:6}  sent {:5}  retried {:4}  429 {:3}  pending {:4}  rate {:5.1}/s  ",
+            "\r  {:5.1}s  accepted {:6}  coalesced {:6}  sent {:5}  retried {:4}  429 {:3}  pending {:4}  delivered {:5.1}/s of {}/s (requests {:4.1}/s){}",
             started.elapsed().as_secs_f64(),
             stats["accepted"].as_u64().unwrap_or(0),
             stats["coalesced"].as_u64().unwrap_or(0),
             delivered,
             stats["retries"].as_u64().unwrap_or(0),
             stats["rate_limited"].as_u64().unwrap_or(0),
-            stats["pending"].as_u64().unwrap_or(0) + stats["in_flight"].as_u64().unwrap_or(0),
-            delivered as f64 / started.elapsed().as_secs_f64(),
+            waiting,
+            delivery.rate().unwrap_or(0.0),
+            format_rate(limit),
+            requests.rate().unwrap_or(0.0),
+            if paused { " paused by a 429 " } else { "                 " },
         );
         std::io::stdout().flush().ok();
         let drained = stats["pending"] == 0 && stats["in_flight"] == 0;
@@ -272,6 +283,20 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .max()
         .unwrap_or(0);
     println!("most requests in flight for one message at once: {max_concurrent}");
+    let limit = account_limit(&stats, account).unwrap_or(f64::from(args.plan.per_second()));
+    if let (Some(average), Some(sent)) =
+        (delivery.backlogged_average(), requests.backlogged_average())
+    {
+        let lowest = match delivery.lowest_full_window() {
+            Some(lowest) => format!(" (lowest over {} s: {lowest:.1}/s)", RATE_WINDOW.as_secs()),
+            None => String::new(),
+        };
+        println!(
+            "while edits were waiting: delivered {average:.1}/s on average{lowest} of a limit of {}/s, {:.0}% used; requests to Zoom {sent:.1}/s",
+            format_rate(limit),
+            100.0 * average / limit
+        );
+    }
     if args.keep_running {
         println!("daemon and sandbox keep running; Ctrl-C stops them");
         stop.cancelled().await;
@@ -292,6 +317,21 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         );
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// The demo daemon's configuration: the defaults, aimed at the sandbox, with shorter retry
+/// delays. The metrics settings stay the defaults (apart from the address), so the demo (and
+/// deploy/check-live.sh, which runs it) shows what a new user's daemon exports.
+fn demo_config(
+    sandbox: &Sandbox,
+    dir: &std::path::Path,
+    metrics_listen: Option<String>,
+) -> crate::config::Config {
+    let mut config = sandbox.daemon_config(dir);
+    config.metrics.listen = metrics_listen.unwrap_or_default();
+    config.delivery.retry_initial = Duration::from_millis(500);
+    config.delivery.retry_max = Duration::from_secs(5);
+    config
 }
 
 /// Cancels `stop` on SIGINT or SIGTERM.
@@ -370,6 +410,117 @@ async fn produce(
     reader_task.await?
 }
 
+/// The span over which the demo's status line averages rates.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+/// A rate as the demo sees it: samples of one of the daemon's counters (from `stats`, e.g.
+/// `delivered`), averaged over a sliding window, plus figures over the time edits were waiting
+/// (when the rate should be at the limit).
+#[derive(Debug)]
+struct SlidingRate {
+    window: Duration,
+    /// (when, counter), oldest first, spanning at most `window` plus one sample.
+    samples: VecDeque<(Instant, u64)>,
+    /// When the current stretch of samples that all saw edits waiting began.
+    backlog_start: Option<Instant>,
+    /// Time and counter increase between consecutive samples that both saw edits waiting,
+    /// summed: (seconds, increase).
+    backlogged: (f64, u64),
+    /// The lowest rate over a whole window during which edits were waiting throughout.
+    lowest: Option<f64>,
+}
+
+impl SlidingRate {
+    fn new(window: Duration) -> SlidingRate {
+        SlidingRate {
+            window,
+            samples: VecDeque::new(),
+            backlog_start: None,
+            backlogged: (0.0, 0),
+            lowest: None,
+        }
+    }
+
+    /// Records the counter's value at `now`; `waiting` is whether edits were pending or in
+    /// flight.
+    fn sample(&mut self, now: Instant, count: u64, waiting: bool) {
+        if let Some(&(last_at, last)) = self.samples.back() {
+            if waiting && self.backlog_start.is_some() {
+                let seconds = now.saturating_duration_since(last_at).as_secs_f64();
+                self.backlogged.0 += seconds;
+                self.backlogged.1 += count.saturating_sub(last);
+            }
+        }
+        self.samples.push_back((now, count));
+        while self.samples.len() > 2
+            && now.saturating_duration_since(self.samples[1].0) >= self.window
+        {
+            self.samples.pop_front();
+        }
+        match (waiting, self.backlog_start) {
+            (false, _) => self.backlog_start = None,
+            (true, None) => self.backlog_start = Some(now),
+            (true, Some(since)) => {
+                let (oldest_at, _) = self.samples[0];
+                if oldest_at >= since && now.saturating_duration_since(oldest_at) >= self.window {
+                    if let Some(rate) = self.rate() {
+                        self.lowest = Some(self.lowest.map_or(rate, |low| low.min(rate)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Increase per second over the last window (less at the start); `None` before two
+    /// samples.
+    fn rate(&self) -> Option<f64> {
+        let (&(first_at, first), &(last_at, last)) = (self.samples.front()?, self.samples.back()?);
+        let seconds = last_at.saturating_duration_since(first_at).as_secs_f64();
+        (seconds > 0.0).then(|| last.saturating_sub(first) as f64 / seconds)
+    }
+
+    /// Increase per second over all the time edits were waiting.
+    fn backlogged_average(&self) -> Option<f64> {
+        let (seconds, increase) = self.backlogged;
+        (seconds >= 1.0).then(|| increase as f64 / seconds)
+    }
+
+    fn lowest_full_window(&self) -> Option<f64> {
+        self.lowest
+    }
+}
+
+/// Requests Zoom answered, from a `stats` answer: delivered, failed and retried, answered
+/// 429, or refused for good.
+fn answered(stats: &Value) -> u64 {
+    ["delivered", "retries", "rate_limited", "dead_lettered"]
+        .iter()
+        .map(|key| stats[*key].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// The row of `account` among the `per_account` rows of a `stats` answer.
+fn account_row<'a>(stats: &'a Value, account: &str) -> Option<&'a Value> {
+    stats["per_account"]
+        .as_array()?
+        .iter()
+        .find(|row| row["account_id"] == account)
+}
+
+/// The limit of `account` from the `per_account` rows of a `stats` answer.
+fn account_limit(stats: &Value, account: &str) -> Option<f64> {
+    account_row(stats, account)?["limit"].as_f64()
+}
+
+/// A rate for people: "20" for whole numbers, "7.5" otherwise.
+fn format_rate(rate: f64) -> String {
+    if rate.fract() == 0.0 {
+        format!("{rate:.0}")
+    } else {
+        format!("{rate:.1}")
+    }
+}
+
 /// Renders a `stats` answer for people.
 pub fn format_stats(stats: &Value) -> String {
     let mut out = String::new();
@@ -391,9 +542,13 @@ pub fn format_stats(stats: &Value) -> String {
         ("dead-lettered", "dead_lettered"),
         ("accounts paused", "accounts_paused"),
         ("allowed rate (req/s)", "limiter_rate"),
+        ("delivered rate (req/s)", "delivered_rate"),
         ("producer connections", "connections"),
     ] {
         line(&mut out, label, &stats[key]);
+    }
+    if let Some(rows) = stats["per_account"].as_array() {
+        out.push_str(&format_accounts(rows));
     }
     if let Some(error) = stats["storage_error"].as_str() {
         out.push_str(&format!("STORAGE ERROR            {error}\n"));
@@ -404,10 +559,49 @@ pub fn format_stats(stats: &Value) -> String {
     out
 }
 
+/// The per-account table of `stats`: rates in requests per second, "quota used" is the
+/// delivered rate as a share of the account's limit.
+fn format_accounts(rows: &[Value]) -> String {
+    if rows.is_empty() {
+        return "\nper account: no account active (or metrics.per_account_series = 0)\n".into();
+    }
+    let mut out = format!(
+        "\nper account (largest backlogs, then busiest; rates in requests/s):\n{:<24} {:>8} {:>7} {:>8} {:>10} {:>11}  {}\n",
+        "ACCOUNT", "PENDING", "LIMIT", "ALLOWED", "DELIVERED", "QUOTA USED", "PAUSED"
+    );
+    for row in rows {
+        let rate = |key: &str| row[key].as_f64();
+        let shown = |value: Option<f64>| value.map_or("-".to_string(), one_decimal);
+        let quota = match (rate("delivered"), rate("limit")) {
+            (Some(delivered), Some(limit)) if limit > 0.0 => {
+                format!("{:.1}%", 100.0 * delivered / limit)
+            }
+            _ => "-".into(),
+        };
+        out.push_str(&format!(
+            "{:<24} {:>8} {:>7} {:>8} {:>10} {:>11}  {}\n",
+            row["account_id"].as_str().unwrap_or("?"),
+            render(&row["pending"]),
+            shown(rate("limit")),
+            shown(rate("allowed")),
+            shown(rate("delivered")),
+            quota,
+            if row["paused"] == true { "yes" } else { "no" },
+        ));
+    }
+    out
+}
+
+/// One decimal, and "0.0" rather than "-0.0" for a value that rounds to zero.
+fn one_decimal(value: f64) -> String {
+    let value = if value.abs() < 0.05 { 0.0 } else { value };
+    format!("{value:.1}")
+}
+
 fn render(value: &Value) -> String {
     match value {
         Value::Null => "-".into(),
-        Value::Number(n) if n.is_f64() => format!("{:.1}", n.as_f64().unwrap_or(0.0)),
+        Value::Number(n) if n.is_f64() => one_decimal(n.as_f64().unwrap_or(0.0)),
         other => other.to_string(),
     }
 }
@@ -437,4 +631,132 @@ pub fn format_dead_list(answer: &Value) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_rate_slides_over_its_window() {
+        let start = Instant::now();
+        let mut rate = SlidingRate::new(Duration::from_secs(5));
+        assert_eq!(rate.rate(), None);
+        // 20 deliveries a second for 10 s, sampled every 250 ms, edits waiting throughout.
+        for tick in 0..=40u64 {
+            rate.sample(start + Duration::from_millis(250 * tick), 5 * tick, true);
+        }
+        assert!((rate.rate().unwrap() - 20.0).abs() < 1e-9);
+        // Then 2 s without a delivery: the last 5 s hold 3 s of deliveries.
+        for tick in 41..=48u64 {
+            rate.sample(start + Duration::from_millis(250 * tick), 200, true);
+        }
+        assert!(
+            (rate.rate().unwrap() - 12.0).abs() < 1e-9,
+            "{:?}",
+            rate.rate()
+        );
+        assert!((rate.lowest_full_window().unwrap() - 12.0).abs() < 1e-9);
+        assert!((rate.backlogged_average().unwrap() - 200.0 / 12.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn idle_time_counts_neither_in_the_average_nor_in_the_lowest_window() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut rate = SlidingRate::new(Duration::from_secs(5));
+        // 3 s at 20/s with edits waiting, then 10 s idle, then 2 s at 20/s again.
+        for tick in 0..=12u64 {
+            rate.sample(at(250 * tick), 5 * tick, true);
+        }
+        for tick in 13..=52u64 {
+            rate.sample(at(250 * tick), 60, false);
+        }
+        for tick in 53..=60u64 {
+            rate.sample(at(250 * tick), 60 + 5 * (tick - 52), true);
+        }
+        assert!((rate.backlogged_average().unwrap() - 20.0).abs() < 1e-9);
+        assert_eq!(
+            rate.lowest_full_window(),
+            None,
+            "no whole window was backlogged"
+        );
+    }
+
+    fn stats_answer() -> Value {
+        json!({"ok": true, "pending": 9, "in_flight": 1, "dead": 0, "accounts": 2,
+        "oldest_pending_seconds": 0.4, "accepted": 1200, "coalesced": 1100,
+        "superseded": 3, "delivered": 97, "retries": 4, "rate_limited": 1,
+        "dead_lettered": 0, "accounts_paused": 1, "limiter_rate": 19.4,
+        "delivered_rate": 19.8, "connections": 1, "storage_error": null,
+        "token_error": null,
+        "per_account": [
+            {"account_id": "demo-account", "pending": 9, "limit": 20.0, "allowed": 19.4,
+             "delivered": 19.3, "paused": false},
+            {"account_id": "acct-free", "pending": 0, "limit": 2.0, "allowed": 0.0,
+             "delivered": 0.5, "paused": true},
+        ]})
+    }
+
+    #[test]
+    fn stats_show_every_account_row_with_its_quota_used() {
+        let text = format_stats(&stats_answer());
+        assert!(text.contains("delivered rate (req/s)   19.8\n"), "{text}");
+        let mut paused = stats_answer();
+        paused["limiter_rate"] = json!(-0.0);
+        let text_paused = format_stats(&paused);
+        assert!(
+            text_paused.contains("allowed rate (req/s)     0.0\n"),
+            "{text_paused}"
+        );
+        assert!(text.contains("accounts with work       2\n"), "{text}");
+        let table: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("ACCOUNT"))
+            .collect();
+        assert_eq!(
+            table,
+            [
+                "ACCOUNT                   PENDING   LIMIT  ALLOWED  DELIVERED  QUOTA USED  PAUSED",
+                "demo-account                    9    20.0     19.4       19.3       96.5%  no",
+                "acct-free                       0     2.0      0.0        0.5       25.0%  yes",
+            ]
+        );
+    }
+
+    #[test]
+    fn stats_without_rows_say_why() {
+        let mut answer = stats_answer();
+        answer["per_account"] = json!([]);
+        assert!(format_stats(&answer).contains("no account active"));
+        // An older daemon without the field: no table at all.
+        answer.as_object_mut().unwrap().remove("per_account");
+        assert!(!format_stats(&answer).contains("per account"));
+    }
+
+    #[tokio::test]
+    async fn the_demo_daemon_keeps_the_default_metrics_settings() {
+        let sandbox = Sandbox::start(SandboxConfig::default()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = demo_config(&sandbox, dir.path(), Some("127.0.0.1:9464".into()));
+        let defaults = crate::config::MetricsConfig::default();
+        assert_eq!(
+            config.metrics.per_account_series,
+            defaults.per_account_series
+        );
+        assert!(
+            config.metrics.per_account_series > 0,
+            "per-account series are needed by the dashboard's per-account panels"
+        );
+        config.validate().unwrap();
+        sandbox.shutdown().await;
+    }
+
+    #[test]
+    fn the_demo_reads_its_limit_from_the_rows() {
+        assert_eq!(account_limit(&stats_answer(), "acct-free"), Some(2.0));
+        assert_eq!(account_limit(&stats_answer(), "other"), None);
+        assert_eq!(format_rate(20.0), "20");
+        assert_eq!(format_rate(7.5), "7.5");
+    }
 }

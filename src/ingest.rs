@@ -322,9 +322,12 @@ impl Ingest {
                 + m.edits_dead_lettered.with_label_values(&["expired"]).get(),
             "accounts_paused": m.accounts_paused.get(),
             "limiter_rate": m.limiter_rate.get(),
+            "delivered_rate": m.delivered_rate.get(),
             "connections": m.ingest_connections.get(),
             "storage_error": stats.storage_error,
             "token_error": self.health.token_error(),
+            // The rows of the per-account series ("accounts" above is a count, kept as it was).
+            "per_account": m.account_rows(),
         })
         .to_string()
     }

@@ -4,11 +4,41 @@
 //! Gauges that mirror state owned elsewhere (queue sizes, storage size, limiter state) are set
 //! by the owner's `observe` step right before each scrape, not by callbacks, so reading them
 //! never takes another module's lock from inside the encoder.
+//!
+//! The per-account series are the exception to "set one gauge at a time": the dispatcher hands
+//! over all of them at once with [`Metrics::publish_accounts`], which replaces them under a lock
+//! that the encoder also takes, so a scrape never sees half of one second's accounts.
+
+use std::sync::{Mutex, MutexGuard};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
+
+/// One account's row in `stats` and in the per-account series (the top
+/// `metrics.per_account_series` accounts by backlog, then by delivered rate).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct AccountRow {
+    pub account_id: String,
+    pub pending: u64,
+    /// The account's limit in requests per second (plan or `rate` override), before any margin.
+    pub limit: f64,
+    /// The rate zoomq currently allows itself (after margin and any 429 slow-down); 0 while
+    /// paused.
+    pub allowed: f64,
+    /// Requests Zoom accepted per second, averaged over the last 10 s.
+    pub delivered: f64,
+    pub paused: bool,
+}
+
+/// The per-account series, written only by [`Metrics::publish_accounts`].
+struct AccountSeries {
+    pending: IntGaugeVec,
+    limit: GaugeVec,
+    allowed: GaugeVec,
+    delivered: GaugeVec,
+}
 
 /// Every metric the daemon exports.
 pub struct Metrics {
@@ -45,11 +75,15 @@ pub struct Metrics {
 
     /// Sum over active accounts of the request rate the limiter currently allows.
     pub limiter_rate: prometheus::Gauge,
+    /// Requests Zoom accepted per second over all accounts, averaged over the last 10 s. Set
+    /// by the dispatcher once a second.
+    pub delivered_rate: prometheus::Gauge,
     pub accounts_active: IntGauge,
     pub accounts_paused: IntGauge,
-    /// Per-account figures, only for the `metrics.per_account_series` largest backlogs.
-    pub account_pending: IntGaugeVec,
-    pub account_rate: prometheus::GaugeVec,
+    /// Per-account series (see [`AccountRow`]), replaced as a whole by `publish_accounts`.
+    account_series: AccountSeries,
+    /// The rows last published; its lock also keeps a scrape from seeing a half-replaced set.
+    account_rows: Mutex<Vec<AccountRow>>,
 
     pub token_refreshes: IntCounter,
     pub token_failures: IntCounter,
@@ -90,6 +124,14 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
 
 fn float_gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Gauge {
     let metric = prometheus::Gauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let metric = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
     registry
         .register(Box::new(metric.clone()))
         .expect("unique metric");
@@ -243,23 +285,44 @@ impl Metrics {
                 "zoomq_accounts_paused",
                 "Accounts paused by a 429 (Retry-After or daily limit).",
             ),
-            account_pending: {
-                let m = IntGaugeVec::new(Opts::new("zoomq_account_pending", "Pending edits of the accounts with the largest backlogs (capped by metrics.per_account_series)."), &["account_id"]).expect("valid");
-                r.register(Box::new(m.clone())).expect("unique metric");
-                m
-            },
-            account_rate: {
-                let m = prometheus::GaugeVec::new(
-                    Opts::new(
-                        "zoomq_account_rate_requests_per_second",
-                        "Allowed request rate of the accounts with the largest backlogs.",
-                    ),
+            delivered_rate: float_gauge(
+                r,
+                "zoomq_delivered_requests_per_second",
+                "Edit requests Zoom accepted per second over all accounts, averaged over the last 10 s.",
+            ),
+            account_series: AccountSeries {
+                pending: {
+                    let m = IntGaugeVec::new(
+                        Opts::new(
+                            "zoomq_account_pending",
+                            "Edits waiting to be sent, by account. Per-account series cover at most metrics.per_account_series accounts: the largest backlogs, then the highest delivered rates.",
+                        ),
+                        &["account_id"],
+                    )
+                    .expect("valid");
+                    r.register(Box::new(m.clone())).expect("unique metric");
+                    m
+                },
+                limit: gauge_vec(
+                    r,
+                    "zoomq_account_limit_requests_per_second",
+                    "Zoom's request limit for the account: its plan's, or its [accounts] rate (before delivery.rate_margin). Same accounts as zoomq_account_pending.",
                     &["account_id"],
-                )
-                .expect("valid");
-                r.register(Box::new(m.clone())).expect("unique metric");
-                m
+                ),
+                allowed: gauge_vec(
+                    r,
+                    "zoomq_account_rate_requests_per_second",
+                    "Request rate zoomq currently allows itself for the account: its limit times delivery.rate_margin, lower for a while after a 429, 0 while paused. Same accounts as zoomq_account_pending.",
+                    &["account_id"],
+                ),
+                delivered: gauge_vec(
+                    r,
+                    "zoomq_account_delivered_requests_per_second",
+                    "Edit requests of the account Zoom accepted per second, averaged over the last 10 s. Same accounts as zoomq_account_pending.",
+                    &["account_id"],
+                ),
             },
+            account_rows: Mutex::new(Vec::new()),
             token_refreshes: counter(
                 r,
                 "zoomq_token_refreshes_total",
@@ -327,11 +390,53 @@ impl Metrics {
         metrics
     }
 
+    /// Called by the dispatcher once a second: replaces the per-account series and the rows
+    /// `stats` shows. Accounts not in `rows` lose their series (they go stale in Prometheus),
+    /// so the number of series stays bounded by the number of rows.
+    pub fn publish_accounts(&self, rows: Vec<AccountRow>) {
+        let mut published = self.lock_rows();
+        let series = &self.account_series;
+        series.pending.reset();
+        series.limit.reset();
+        series.allowed.reset();
+        series.delivered.reset();
+        for row in &rows {
+            let labels = [row.account_id.as_str()];
+            series
+                .pending
+                .with_label_values(&labels)
+                .set(i64::try_from(row.pending).unwrap_or(i64::MAX));
+            series.limit.with_label_values(&labels).set(row.limit);
+            series.allowed.with_label_values(&labels).set(row.allowed);
+            series
+                .delivered
+                .with_label_values(&labels)
+                .set(row.delivered);
+        }
+        *published = rows;
+    }
+
+    /// The rows last published (for the `stats` answer).
+    pub fn account_rows(&self) -> Vec<AccountRow> {
+        self.lock_rows().clone()
+    }
+
+    fn lock_rows(&self) -> MutexGuard<'_, Vec<AccountRow>> {
+        // The rows are replaced whole, so a panic while holding the lock leaves nothing torn.
+        self.account_rows
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// The text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut buffer = Vec::new();
+        let families = {
+            let _consistent_accounts = self.lock_rows();
+            self.registry.gather()
+        };
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buffer)
+            .encode(&families, &mut buffer)
             .expect("text encoding into a Vec cannot fail");
         String::from_utf8(buffer).expect("the text format is UTF-8")
     }
@@ -362,7 +467,10 @@ mod tests {
     #[test]
     fn exposition_matches_the_golden_file() {
         let golden_path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/metrics.txt");
-        let actual = schema(&Metrics::new().encode());
+        let metrics = Metrics::new();
+        // Labelled families appear only once they have a series.
+        metrics.publish_accounts(vec![row("acct-a", 1, 1.0)]);
+        let actual = schema(&metrics.encode());
         if std::env::var_os("UPDATE_GOLDEN").is_some() {
             std::fs::write(golden_path, &actual).unwrap();
         }
@@ -371,6 +479,96 @@ mod tests {
             actual, golden,
             "metrics changed; if intended, run UPDATE_GOLDEN=1 cargo test --lib metrics"
         );
+    }
+
+    fn row(account_id: &str, pending: u64, delivered: f64) -> AccountRow {
+        AccountRow {
+            account_id: account_id.into(),
+            pending,
+            limit: 20.0,
+            allowed: 19.4,
+            delivered,
+            paused: false,
+        }
+    }
+
+    /// The sample lines of the per-account families, sorted.
+    fn account_samples(metrics: &Metrics) -> Vec<String> {
+        let mut lines: Vec<String> = metrics
+            .encode()
+            .lines()
+            .filter(|line| line.starts_with("zoomq_account_"))
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    #[test]
+    fn published_accounts_become_series_and_rows() {
+        let metrics = Metrics::new();
+        assert!(account_samples(&metrics).is_empty());
+        assert!(metrics.account_rows().is_empty());
+        let rows = vec![row("acct-a", 12, 19.3), row("acct-b", 0, 2.5)];
+        metrics.publish_accounts(rows.clone());
+        assert_eq!(metrics.account_rows(), rows);
+        assert_eq!(
+            account_samples(&metrics),
+            [
+                r#"zoomq_account_delivered_requests_per_second{account_id="acct-a"} 19.3"#,
+                r#"zoomq_account_delivered_requests_per_second{account_id="acct-b"} 2.5"#,
+                r#"zoomq_account_limit_requests_per_second{account_id="acct-a"} 20"#,
+                r#"zoomq_account_limit_requests_per_second{account_id="acct-b"} 20"#,
+                r#"zoomq_account_pending{account_id="acct-a"} 12"#,
+                r#"zoomq_account_pending{account_id="acct-b"} 0"#,
+                r#"zoomq_account_rate_requests_per_second{account_id="acct-a"} 19.4"#,
+                r#"zoomq_account_rate_requests_per_second{account_id="acct-b"} 19.4"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn accounts_that_leave_the_top_lose_their_series() {
+        let metrics = Metrics::new();
+        metrics.publish_accounts(vec![row("acct-a", 5, 1.0), row("acct-b", 3, 1.0)]);
+        metrics.publish_accounts(vec![AccountRow {
+            allowed: 0.0,
+            paused: true,
+            ..row("acct-c", 7, 0.0)
+        }]);
+        let samples = account_samples(&metrics);
+        assert_eq!(samples.len(), 4, "{samples:?}");
+        assert!(samples
+            .iter()
+            .all(|line| line.contains(r#"account_id="acct-c""#)));
+        assert!(samples.contains(
+            &r#"zoomq_account_rate_requests_per_second{account_id="acct-c"} 0"#.to_string()
+        ));
+        assert!(metrics.account_rows()[0].paused);
+
+        metrics.publish_accounts(Vec::new());
+        assert!(account_samples(&metrics).is_empty());
+        assert!(metrics.account_rows().is_empty());
+    }
+
+    #[test]
+    fn account_rows_serialize_for_the_stats_answer() {
+        let json = serde_json::to_value(row("acct-a", 12, 19.5)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"account_id": "acct-a", "pending": 12, "limit": 20.0,
+                "allowed": 19.4, "delivered": 19.5, "paused": false})
+        );
+    }
+
+    #[test]
+    fn delivered_rate_is_exported() {
+        let metrics = Metrics::new();
+        metrics.delivered_rate.set(19.5);
+        assert!(metrics
+            .encode()
+            .lines()
+            .any(|line| line == "zoomq_delivered_requests_per_second 19.5"));
     }
 
     #[test]

@@ -8,3 +8,4 @@ mod crash;
 mod delivery;
 mod faults;
 mod ingest;
+mod operator_view;
