@@ -233,13 +233,13 @@ impl Default for ZoomConfig {
 impl Default for DeliveryConfig {
     fn default() -> Self {
         DeliveryConfig {
-            concurrency: 32,
+            concurrency: 256,
             retry_initial: Duration::from_secs(1),
             retry_max: Duration::from_secs(300),
             max_age: Duration::from_secs(24 * 3600),
             shutdown_timeout: Duration::from_secs(10),
             account_idle: Duration::from_secs(600),
-            rate_margin: 0.97,
+            rate_margin: 0.995,
         }
     }
 }
@@ -248,7 +248,7 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             listen: "127.0.0.1:9464".into(),
-            per_account_series: 0,
+            per_account_series: 10,
         }
     }
 }
@@ -539,18 +539,25 @@ impl Config {
         self.zoom.client_secret_file = None;
     }
 
-    /// The rate (requests per second) the daemon allows itself on an account, before adaptive
-    /// decrease, with the safety margin applied to plan rates (explicit rates are taken as is).
-    pub fn account_rate(&self, account_id: &str) -> f64 {
+    /// Zoom's limit for an account in requests per second: its `rate` override, else its plan's
+    /// Medium limit.
+    pub fn account_limit(&self, account_id: &str) -> f64 {
         match self.accounts.get(account_id) {
             Some(AccountConfig {
                 rate: Some(rate), ..
             }) => *rate,
             Some(AccountConfig {
                 plan: Some(plan), ..
-            }) => f64::from(plan.per_second()) * self.delivery.rate_margin,
-            _ => f64::from(self.zoom.plan.per_second()) * self.delivery.rate_margin,
+            }) => f64::from(plan.per_second()),
+            _ => f64::from(self.zoom.plan.per_second()),
         }
+    }
+
+    /// The rate (requests per second) the daemon paces an account at, before adaptive
+    /// decrease: its limit times `delivery.rate_margin`, the slack that absorbs jitter between
+    /// our send times and Zoom's arrival times.
+    pub fn account_rate(&self, account_id: &str) -> f64 {
+        self.account_limit(account_id) * self.delivery.rate_margin
     }
 
     /// The daily request cap of an account, if its plan has one.
@@ -1329,7 +1336,12 @@ mod tests {
             "[zoom]\nplan = \"free\"\n[accounts.\"acct-b\"]\nplan = \"business\"\n[accounts.\"acct-r\"]\nrate = 7.5\n",
         )
         .unwrap();
-        assert_eq!(config.account_rate("acct-r"), 7.5);
+        assert_eq!(config.account_limit("acct-r"), 7.5);
+        assert_eq!(
+            config.account_rate("acct-r"),
+            7.5 * config.delivery.rate_margin
+        );
+        assert_eq!(config.account_limit("acct-b"), 60.0);
         assert!(config.account_rate("acct-b") > 55.0 && config.account_rate("acct-b") <= 60.0);
         assert_eq!(config.account_daily_limit("other"), Some(2000));
         assert_eq!(config.account_daily_limit("acct-b"), None);

@@ -63,7 +63,8 @@ pub struct DemoArgs {
     /// The sandbox account's plan.
     #[arg(long, default_value = "pro")]
     pub plan: Plan,
-    /// Inject faults (5% 5xx, 2% connection resets, 2% 429 with Retry-After).
+    /// Inject faults (5% 5xx, 2% connection resets, 0.5% bare 429s, as another app's burst
+    /// would cause).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub faults: bool,
     /// Serve /metrics on this address during the demo (e.g. 127.0.0.1:9464).
@@ -127,8 +128,8 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         Faults {
             error_5xx: 0.05,
             reset: 0.02,
-            spurious_429: 0.02,
-            spurious_429_delay: Duration::from_secs(1),
+            spurious_429: 0.005,
+            spurious_429_retry_after: None,
             ..Faults::default()
         }
     } else {
@@ -163,7 +164,7 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         args.edit_rate,
         args.duration,
         if args.faults {
-            "; Zoom answers 5% 5xx, 2% resets, 2% 429"
+            "; Zoom answers 5% 5xx, 2% resets, 0.5% 429"
         } else {
             ""
         }

@@ -7,11 +7,17 @@
 //! request finishes, a limiter or retry timer expires, or shutdown), plus one short-lived task
 //! per request. Only this loop touches the limiters, so they need no lock.
 //!
-//! **Invariant:** an account in `ring` has been announced by the queue and not yet reported
-//! empty by a claim; so each account appears at most once, and one account's backlog or pause
-//! only ever costs the others one skipped turn.
+//! Accounts the limiter holds back wait in a timer heap (`waiting`), keyed by when their limiter
+//! allows the next request, instead of in the ring: a turn of the loop looks only at accounts
+//! that may send now, so with thousands of accounts each paced at a few requests per second a
+//! wake-up costs O(log n), not a scan of every account.
+//!
+//! **Invariant:** an account in `ring` or `waiting` has been announced by the queue and not yet
+//! reported empty by a claim; it is in exactly one of the two, so each account appears at most
+//! once, and one account's backlog or pause only ever costs the others one skipped turn.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -21,7 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::health::Health;
 use crate::limiter::{LimitKind, Limiters};
-use crate::metrics::Metrics;
+use crate::metrics::{AccountRow, Metrics};
 use crate::queue::{self, now_ms, Claimed, DeadInfo, Head, Job, Queue};
 use crate::retry::RetryPolicy;
 use crate::zoom::{Outcome, ZoomClient};
@@ -55,8 +61,12 @@ pub struct Dispatcher {
     settings: DispatchSettings,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    /// Accounts with ready work, served round-robin.
+    /// Accounts with ready work that may send now, served round-robin.
     ring: VecDeque<Arc<str>>,
+    /// Accounts with ready work that their limiter holds until the instant given; the `u64`
+    /// keeps accounts due at the same instant in the order they were held.
+    waiting: BinaryHeap<Reverse<(Instant, u64, Arc<str>)>>,
+    waiting_seq: u64,
     /// Request slots; a task holds one while its request is in flight.
     slots: Arc<Semaphore>,
     /// While set, nothing is sent: the token could not be obtained.
@@ -64,6 +74,8 @@ pub struct Dispatcher {
     no_token_pause: Duration,
     finished_tx: mpsc::UnboundedSender<Finished>,
     finished_rx: mpsc::UnboundedReceiver<Finished>,
+    /// While a token request runs on the dispatcher's behalf, its result arrives here.
+    token_fetch: Option<tokio::task::JoinHandle<Result<(), String>>>,
     requests: TaskTracker,
     last_housekeeping: Instant,
     /// Deliveries since the last summary log line (one line per busy period, none when idle).
@@ -92,10 +104,13 @@ impl Dispatcher {
             metrics,
             health,
             ring: VecDeque::new(),
+            waiting: BinaryHeap::new(),
+            waiting_seq: 0,
             no_token_until: None,
             no_token_pause: NO_TOKEN_PAUSE_MIN,
             finished_tx,
             finished_rx,
+            token_fetch: None,
             requests: TaskTracker::new(),
             last_housekeeping: Instant::now(),
             delivered_since_log: 0,
@@ -139,6 +154,12 @@ impl Dispatcher {
             tokio::select! {
                 Some(account) = self.ready_rx.recv() => self.ring.push_back(account),
                 Some(finished) = self.finished_rx.recv() => self.handle(finished),
+                fetched = token_fetched(&mut self.token_fetch) => {
+                    self.token_fetch = None;
+                    if let Err(detail) = fetched {
+                        self.hold_for_token(&detail);
+                    }
+                }
                 _ = sleep => {}
                 _ = self.queue.timer_changed() => {}
                 _ = self.queue.committed(), if not_durable => {}
@@ -155,14 +176,34 @@ impl Dispatcher {
     /// until a throttled account may send again (if any is throttled), and whether an account
     /// waits for its oldest job to become durable (then the next commit wakes the loop).
     fn dispatch_round(&mut self) -> (Option<Duration>, bool) {
+        let now = Instant::now();
         if let Some(until) = self.no_token_until {
-            let now = Instant::now();
             if until > now {
                 return (Some(until - now), false);
             }
             self.no_token_until = None;
         }
-        let mut wait: Option<Duration> = None;
+        // No slot is taken while no token is at hand: a request waiting for one would leave
+        // late, and crowd the next ones into one second at Zoom. The fetch wakes the loop.
+        if self.token_fetch.is_some() {
+            return (None, false);
+        }
+        let has_work = !self.ring.is_empty() || !self.waiting.is_empty();
+        if has_work && !self.zoom.token_ready() {
+            let zoom = self.zoom.clone();
+            self.token_fetch = Some(tokio::spawn(async move { zoom.fetch_token().await }));
+            return (None, false);
+        }
+        // Accounts whose limiter wait is over join the ring, earliest first.
+        while let Some(Reverse((due, _, _))) = self.waiting.peek() {
+            if *due > now {
+                break;
+            }
+            let Some(Reverse((_, _, account))) = self.waiting.pop() else {
+                break;
+            };
+            self.ring.push_back(account);
+        }
         let mut not_durable = false;
         for _ in 0..self.ring.len() {
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
@@ -187,8 +228,9 @@ impl Dispatcher {
                 }
             }
             if let Err(until_allowed) = self.limiters.try_acquire(&account, SystemTime::now()) {
-                wait = Some(wait.map_or(until_allowed, |w| w.min(until_allowed)));
-                self.ring.push_back(account);
+                self.waiting_seq += 1;
+                let due = Instant::now() + until_allowed;
+                self.waiting.push(Reverse((due, self.waiting_seq, account)));
                 continue;
             }
             match self.queue.claim(&account) {
@@ -213,6 +255,10 @@ impl Dispatcher {
                 }
             }
         }
+        let wait = self
+            .waiting
+            .peek()
+            .map(|Reverse((due, _, _))| due.saturating_duration_since(Instant::now()));
         (wait, not_durable)
     }
 
@@ -262,11 +308,8 @@ impl Dispatcher {
             }
             Outcome::NoToken { detail } => {
                 // Not the edit's fault: hold all sending and try again later.
-                let pause = self.no_token_pause;
-                self.no_token_until = Some(Instant::now() + pause);
-                self.no_token_pause = (pause * 2).min(NO_TOKEN_PAUSE_MAX);
-                tracing::warn!(job_id = job.seq, %detail, pause_s = pause.as_secs_f64(),
-                    "no access token; holding deliveries");
+                tracing::debug!(job_id = job.seq, "no access token for this edit");
+                self.hold_for_token(&detail);
                 self.put_back(&job);
             }
             Outcome::Transient { status, detail } => {
@@ -321,6 +364,14 @@ impl Dispatcher {
         }
     }
 
+    /// Holds all sending after the token could not be obtained, for longer each time.
+    fn hold_for_token(&mut self, detail: &str) {
+        let pause = self.no_token_pause;
+        self.no_token_until = Some(Instant::now() + pause);
+        self.no_token_pause = (pause * 2).min(NO_TOKEN_PAUSE_MAX);
+        tracing::warn!(%detail, pause_s = pause.as_secs_f64(), "no access token; holding deliveries");
+    }
+
     /// Returns a claimed job to its place in line without counting an attempt.
     fn put_back(&self, job: &Job) {
         let mut job = job.clone();
@@ -364,22 +415,50 @@ impl Dispatcher {
         self.metrics.limiter_rate.set(snapshot.total_rate);
         self.metrics.accounts_paused.set(snapshot.paused as i64);
         self.metrics.accounts_active.set(snapshot.active as i64);
-        if self.settings.per_account_series > 0 {
-            self.metrics.account_pending.reset();
-            self.metrics.account_rate.reset();
-            for (account, pending) in self.queue.top_accounts(self.settings.per_account_series) {
-                self.metrics
-                    .account_pending
-                    .with_label_values(&[&*account])
-                    .set(pending as i64);
-                if let Some(rate) = self.limiters.rate_of(&account) {
-                    self.metrics
-                        .account_rate
-                        .with_label_values(&[&*account])
-                        .set(rate);
-                }
-            }
+        self.metrics.delivered_rate.set(
+            snapshot
+                .per_account
+                .iter()
+                .map(|view| view.delivered)
+                .fold(0.0, |sum, rate| sum + rate),
+        );
+        self.publish_accounts(&snapshot.per_account);
+    }
+
+    /// The per-account rows of `stats` and the per-account series: the accounts with the
+    /// largest backlogs, then (when fewer have a backlog) the busiest by delivered rate, at most
+    /// `metrics.per_account_series`.
+    fn publish_accounts(&self, tracked: &[crate::limiter::AccountView]) {
+        let wanted = self.settings.per_account_series;
+        if wanted == 0 {
+            self.metrics.publish_accounts(Vec::new());
+            return;
         }
+        let now_utc = SystemTime::now();
+        let mut rows: Vec<AccountRow> = self
+            .queue
+            .top_accounts(wanted)
+            .into_iter()
+            .map(|(account, pending)| {
+                let view = self.limiters.view_of(&account, now_utc);
+                row(view, pending as u64)
+            })
+            .collect();
+        if rows.len() < wanted {
+            let mut busiest: Vec<&crate::limiter::AccountView> = tracked
+                .iter()
+                .filter(|view| !rows.iter().any(|row| row.account_id == view.account_id))
+                .collect();
+            busiest.sort_by(|a, b| b.delivered.total_cmp(&a.delivered));
+            let missing = wanted - rows.len();
+            rows.extend(
+                busiest
+                    .into_iter()
+                    .take(missing)
+                    .map(|view| row(view.clone(), 0)),
+            );
+        }
+        self.metrics.publish_accounts(rows);
     }
 
     /// Shutdown: wait for in-flight requests (bounded), recording their outcomes.
@@ -402,5 +481,26 @@ impl Dispatcher {
                 }
             }
         }
+    }
+}
+
+fn row(view: crate::limiter::AccountView, pending: u64) -> AccountRow {
+    AccountRow {
+        account_id: view.account_id,
+        pending,
+        limit: view.limit,
+        allowed: if view.paused { 0.0 } else { view.rate },
+        delivered: view.delivered,
+        paused: view.paused,
+    }
+}
+
+/// The result of the dispatcher's token request, when there is one; never, otherwise.
+async fn token_fetched(
+    fetch: &mut Option<tokio::task::JoinHandle<Result<(), String>>>,
+) -> Result<(), String> {
+    match fetch.as_mut() {
+        Some(fetch) => fetch.await.unwrap_or_else(|e| Err(e.to_string())),
+        None => std::future::pending().await,
     }
 }

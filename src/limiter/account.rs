@@ -1,6 +1,6 @@
-//! One account's pacing state: the governor limiter that spaces requests evenly, the adaptive
-//! rate (multiplicative decrease on a per-second 429, additive recovery), pauses (Retry-After,
-//! daily 429) and the per-UTC-day request count of plans with a daily cap.
+//! One account's pacing state: the [`Pacer`] that spaces its requests, the adaptive rate after a
+//! per-second 429 ([`Recovery`]), pauses (Retry-After, daily 429), the per-UTC-day request count
+//! of plans with a daily cap, and the delivered rate shown to operators.
 //!
 //! It knows nothing of other accounts, of the map that holds it, or of HTTP: [`super::Limiters`]
 //! owns the map and the clock, and the caller translates Zoom's responses into calls here.
@@ -14,54 +14,36 @@
 use std::time::{Duration, SystemTime};
 
 use governor::clock::{Clock, Reference};
-use governor::middleware::NoOpMiddleware;
-use governor::nanos::Nanos;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter};
 
+use super::adapt::Recovery;
+use super::pacer::{later, sanitize, Pacer};
 use super::{utc, AccountPolicy, LimitKind};
 
 /// The longest pause a Retry-After may impose; a later time is taken as a bogus header.
 pub(super) const MAX_PAUSE: Duration = Duration::from_secs(2 * 86_400);
-
-/// Rates outside this range are clamped before building a limiter (config validation already
-/// keeps them in 0..=10000, this only guards the interval arithmetic).
-const MIN_RATE: f64 = 0.001;
-const MAX_RATE: f64 = 1_000_000.0;
-/// The adaptive rate never goes below `max(ABSOLUTE_FLOOR, policy * POLICY_FRACTION)` (nor above
-/// the policy); recovery adds `policy * INCREASE_FRACTION` per second without a 429.
-const ABSOLUTE_FLOOR: f64 = 0.2;
-const POLICY_FRACTION: f64 = 1.0 / 20.0;
-/// A QPS 429 multiplies the rate by this. Gentler than halving: when another app takes a
-/// steady share of the account's quota, the rate saw-tooths just under the share that is left
-/// instead of spending half its time at half of it (measured: benches/drain.rs `shared`).
-const DECREASE_FACTOR: f64 = 0.8;
-/// Recovery per 429-free second, as a share of the policy rate: slow enough that the probing
-/// above the free share costs few 429s.
-const INCREASE_FRACTION: f64 = 1.0 / 40.0;
-/// 429s arriving this soon after a decrease answer requests sent at the old rate, so they do not
-/// halve the rate again (a burst of in-flight 429s would otherwise drop it straight to the floor).
-const DECREASE_GUARD: Duration = Duration::from_secs(1);
-/// Bounds every offset added to a monotonic instant, so absurd settings cannot overflow it.
-const MAX_OFFSET: Duration = Duration::from_secs(10 * 365 * 86_400);
-
-type Pacer<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
+/// A second QPS 429 this soon after the one that lowered the rate does not lower it again (it
+/// may answer a request sent before): it means Zoom's window is still full, so the account
+/// waits until this long after the first, by when any one-second window, fixed or sliding, has
+/// moved past the requests that filled it.
+const REPEAT_GUARD: Duration = Duration::from_secs(1);
+/// Recovery raises the rate in steps of at least this share of the policy rate (each step
+/// rebuilds the pacer), except for the last step to the policy rate.
+const RECOVERY_STEP: f64 = 0.01;
+/// The delivered rate is averaged over this many whole seconds.
+const DELIVERED_SECONDS: usize = 10;
 
 pub(super) struct Account<C: Clock> {
     /// The configured ceiling, read once when the state is created.
     policy: AccountPolicy,
-    /// The rate `pacer` is built for: the policy rate, or less after a 429.
+    /// The rate `pacer` runs at: the policy rate, or less after a 429.
     rate: f64,
-    /// Governor limiter with burst 1 and period `1/rate`; replaced whenever `rate` changes.
     pacer: Pacer<C>,
-    /// No grant before this instant. Set after a rebuild (a fresh governor limiter would grant
-    /// at once, so this keeps `last grant + new interval`) and after a 429 (one interval).
-    hold_until: Option<C::Instant>,
-    last_grant: Option<C::Instant>,
-    /// Present while the rate is below the policy: the rate right after the last 429 and the
-    /// instant from which 429-free time counts (after any pause).
-    recovery: Option<Recovery<C::Instant>>,
+    /// Present while the rate is below the policy after a 429, with the instant from which the
+    /// recovery curve counts (after any pause).
+    recovery: Option<(Recovery, C::Instant)>,
     last_decrease: Option<C::Instant>,
+    /// No grant before this instant: set by a repeated 429 (see [`REPEAT_GUARD`]).
+    hold_until: Option<C::Instant>,
     /// Wall-clock end of a Retry-After or daily-429 pause; `pause_ends` mirrors it.
     paused_until: Option<SystemTime>,
     pause_ends: Option<C::Instant>,
@@ -69,35 +51,33 @@ pub(super) struct Account<C: Clock> {
     day: u64,
     granted_today: u32,
     day_ends: Option<C::Instant>,
+    delivered: Delivered<C::Instant>,
     /// Last call of any kind for this account; idle release counts from here.
     last_used: C::Instant,
-}
-
-struct Recovery<I> {
-    base: f64,
-    from: I,
 }
 
 impl<C: Clock + Clone> Account<C> {
     pub(super) fn new(policy: AccountPolicy, clock: &C, now_utc: SystemTime) -> Self {
         let policy = AccountPolicy {
+            limit: sanitize(policy.limit),
             rate: sanitize(policy.rate),
             daily_limit: policy.daily_limit,
         };
+        let now = clock.now();
         Account {
             rate: policy.rate,
-            pacer: pacer(policy.rate, clock),
+            pacer: Pacer::new(policy.limit, policy.rate, clock),
             policy,
-            hold_until: None,
-            last_grant: None,
             recovery: None,
             last_decrease: None,
+            hold_until: None,
             paused_until: None,
             pause_ends: None,
             day: utc::day_number(now_utc),
             granted_today: 0,
             day_ends: None,
-            last_used: clock.now(),
+            delivered: Delivered::new(now),
+            last_used: now,
         }
     }
 
@@ -127,13 +107,7 @@ impl<C: Clock + Clone> Account<C> {
         if !wait.is_zero() {
             return Err(wait);
         }
-        // Only now ask governor: a positive answer consumes the slot.
-        if let Err(not_until) = self.pacer.check() {
-            return Err(not_until
-                .wait_time_from(clock.now())
-                .max(Duration::from_nanos(1)));
-        }
-        self.last_grant = Some(now);
+        self.pacer.try_grant(now)?;
         self.granted_today += 1;
         if let Some(limit) = self.policy.daily_limit {
             self.day_ends = Some(later(now, utc::until_next_midnight(now_utc)));
@@ -147,22 +121,26 @@ impl<C: Clock + Clone> Account<C> {
         Ok(())
     }
 
-    /// Additive increase: the rate grows by `policy/20` per second since the last 429 (or the
-    /// end of its pause), never above the policy. Applied here, on success, so the rate only
-    /// rises while Zoom keeps accepting.
+    /// Zoom accepted a request: count it, and let a lowered rate follow its recovery curve.
+    /// Applied here, on success, so the rate only rises while Zoom keeps accepting.
     pub(super) fn on_success(&mut self, clock: &C) {
         let now = clock.now();
         self.last_used = now;
-        let Some(recovery) = &self.recovery else {
+        self.delivered.count(now);
+        let Some((recovery, from)) = self.recovery else {
             return;
         };
-        let recovered = Duration::from(now.duration_since(recovery.from)).as_secs_f64();
-        let target = recovery.base + self.step() * recovered;
+        let elapsed = if now > from {
+            Duration::from(now.duration_since(from))
+        } else {
+            Duration::ZERO
+        };
+        let target = recovery.rate_at(elapsed);
         if target >= self.policy.rate {
             self.recovery = None;
-            self.rebuild(self.policy.rate, clock);
-        } else if target > self.rate {
-            self.rebuild(target, clock);
+            self.set_rate(self.policy.rate);
+        } else if target >= self.rate + self.policy.rate * RECOVERY_STEP {
+            self.set_rate(target);
         }
     }
 
@@ -180,7 +158,7 @@ impl<C: Clock + Clone> Account<C> {
             (LimitKind::Daily, None) => Some(now_utc + utc::until_next_midnight(now_utc)),
             (LimitKind::Qps, None) => None,
         };
-        // A Retry-After in the past (clock skew) imposes no pause; the hold below still applies.
+        // A Retry-After in the past (clock skew) imposes no pause.
         let pause = pause_until
             .and_then(|until| until.duration_since(now_utc).ok())
             .unwrap_or_default();
@@ -191,10 +169,30 @@ impl<C: Clock + Clone> Account<C> {
             self.pause_ends = Some(self.pause_ends.map_or(ends, |old| old.max(ends)));
         }
         if kind == LimitKind::Qps {
-            self.decrease(clock, later(now, pause));
+            let repeated = self
+                .last_decrease
+                .filter(|at| Duration::from(now.duration_since(*at)) < REPEAT_GUARD);
+            match repeated {
+                Some(first) => {
+                    let until = later(first, REPEAT_GUARD);
+                    self.hold_until = Some(self.hold_until.map_or(until, |old| old.max(until)));
+                }
+                None => {
+                    self.last_decrease = Some(now);
+                    let recovery = Recovery::after_429(self.policy.rate, self.rate);
+                    tracing::debug!(
+                        from = self.rate,
+                        to = recovery.base,
+                        "429: lowering account rate"
+                    );
+                    self.recovery = Some((recovery, later(now, pause)));
+                    self.set_rate(recovery.base);
+                    return;
+                }
+            }
         }
-        // The rate may have dropped: wait at least one (new) interval before the next request.
-        self.hold(later(now, interval(self.rate)));
+        // Whatever else happened, wait at least one interval before the next request.
+        self.set_rate(self.rate);
     }
 
     /// When this state may be dropped: after `idle` without calls, but never while paused,
@@ -207,15 +205,23 @@ impl<C: Clock + Clone> Account<C> {
         {
             until = until.max(deadline);
         }
-        if let Some(recovery) = &self.recovery {
-            let seconds = ((self.policy.rate - recovery.base) / self.step()).max(0.0);
-            until = until.max(later(recovery.from, Duration::from_secs_f64(seconds)));
+        if let Some((recovery, from)) = &self.recovery {
+            until = until.max(later(*from, recovery.duration()));
         }
         until
     }
 
+    pub(super) fn policy(&self) -> AccountPolicy {
+        self.policy
+    }
+
     pub(super) fn rate(&self) -> f64 {
         self.rate
+    }
+
+    /// Requests Zoom accepted per second over the last whole seconds.
+    pub(super) fn delivered_rate(&self, now: C::Instant) -> f64 {
+        self.delivered.rate(now)
     }
 
     /// Whether a request would be held now for a pause or the daily cap (not for pacing).
@@ -225,48 +231,9 @@ impl<C: Clock + Clone> Account<C> {
         paused || capped
     }
 
-    /// Multiplicative decrease, at most once per [`DECREASE_GUARD`]; either way the 429 restarts
-    /// the 429-free time that recovery counts, from `recover_from`.
-    fn decrease(&mut self, clock: &C, recover_from: C::Instant) {
-        let now = clock.now();
-        let recent = self
-            .last_decrease
-            .is_some_and(|at| Duration::from(now.duration_since(at)) < DECREASE_GUARD);
-        if !recent {
-            self.last_decrease = Some(now);
-            let floor = (self.policy.rate * POLICY_FRACTION)
-                .max(ABSOLUTE_FLOOR)
-                .min(self.policy.rate);
-            let decreased = (self.rate * DECREASE_FACTOR).max(floor);
-            if decreased < self.rate {
-                tracing::debug!(
-                    from = self.rate,
-                    to = decreased,
-                    "429: lowering account rate"
-                );
-                self.rebuild(decreased, clock);
-            }
-        }
-        if self.rate < self.policy.rate {
-            self.recovery = Some(Recovery {
-                base: self.rate,
-                from: recover_from,
-            });
-        }
-    }
-
-    /// Replaces the governor limiter for `rate`. A fresh limiter would grant at once, so hold
-    /// the next grant until `last grant + new interval`: a rebuild never adds a request.
-    fn rebuild(&mut self, rate: f64, clock: &C) {
+    fn set_rate(&mut self, rate: f64) {
         self.rate = rate;
-        self.pacer = pacer(rate, clock);
-        if let Some(last_grant) = self.last_grant {
-            self.hold(later(last_grant, interval(rate)));
-        }
-    }
-
-    fn hold(&mut self, until: C::Instant) {
-        self.hold_until = Some(self.hold_until.map_or(until, |old| old.max(until)));
+        self.pacer.set_rate(rate);
     }
 
     /// Starts a new count at 00:00 UTC. A wall clock stepping back into an earlier day keeps the
@@ -285,10 +252,6 @@ impl<C: Clock + Clone> Account<C> {
             .daily_limit
             .is_some_and(|limit| self.granted_today >= limit)
     }
-
-    fn step(&self) -> f64 {
-        self.policy.rate * INCREASE_FRACTION
-    }
 }
 
 impl<C: Clock> std::fmt::Debug for Account<C> {
@@ -303,27 +266,61 @@ impl<C: Clock> std::fmt::Debug for Account<C> {
     }
 }
 
-fn sanitize(rate: f64) -> f64 {
-    if rate.is_nan() {
-        MIN_RATE
-    } else {
-        rate.clamp(MIN_RATE, MAX_RATE)
+/// Deliveries per whole second of the monotonic clock, for the last [`DELIVERED_SECONDS`].
+struct Delivered<I> {
+    origin: I,
+    /// Counts of the seconds `second - DELIVERED_SECONDS + 1 ..= second`, by `second % len`.
+    counts: [u32; DELIVERED_SECONDS + 1],
+    second: u64,
+}
+
+impl<I: Reference> Delivered<I> {
+    fn new(origin: I) -> Self {
+        Delivered {
+            origin,
+            counts: [0; DELIVERED_SECONDS + 1],
+            second: 0,
+        }
     }
-}
 
-/// The spacing between grants at `rate`, rounded *up* to whole nanoseconds: rounding down would
-/// let e.g. 3/s put a fourth grant just inside one second.
-fn interval(rate: f64) -> Duration {
-    Duration::from_nanos((1e9 / sanitize(rate)).ceil() as u64)
-}
+    fn second_of(&self, now: I) -> u64 {
+        if now > self.origin {
+            Duration::from(now.duration_since(self.origin)).as_secs()
+        } else {
+            0
+        }
+    }
 
-fn pacer<C: Clock + Clone>(rate: f64, clock: &C) -> Pacer<C> {
-    let quota = Quota::with_period(interval(rate))
-        .expect("interval is at least one nanosecond")
-        .allow_burst(std::num::NonZeroU32::MIN);
-    RateLimiter::direct_with_clock(quota, clock.clone())
-}
+    /// Moves to `second`, zeroing the seconds skipped on the way.
+    fn advance(&mut self, second: u64) {
+        let len = self.counts.len() as u64;
+        if second > self.second {
+            for s in (self.second + 1)..=second.min(self.second + len) {
+                self.counts[(s % len) as usize] = 0;
+            }
+            self.second = second;
+        }
+    }
 
-fn later<I: Reference>(at: I, by: Duration) -> I {
-    at + Nanos::from(by.min(MAX_OFFSET))
+    fn count(&mut self, now: I) {
+        let second = self.second_of(now);
+        self.advance(second);
+        let len = self.counts.len() as u64;
+        self.counts[(self.second % len) as usize] += 1;
+    }
+
+    /// The mean over the whole seconds before the current one (at most [`DELIVERED_SECONDS`]).
+    fn rate(&self, now: I) -> f64 {
+        let current = self.second_of(now).max(self.second);
+        let whole = (current as usize).min(DELIVERED_SECONDS);
+        if whole == 0 {
+            return 0.0;
+        }
+        let len = self.counts.len() as u64;
+        let sum: u64 = (current - whole as u64..current)
+            .filter(|s| *s + len > self.second && *s <= self.second)
+            .map(|s| u64::from(self.counts[(s % len) as usize]))
+            .sum();
+        sum as f64 / whole as f64
+    }
 }

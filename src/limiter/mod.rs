@@ -3,11 +3,12 @@
 //! reports Zoom's verdict back through [`Limiters::on_success`] / [`Limiters::on_rate_limited`].
 //!
 //! Zoom limits each account, shared with every other app on it, without saying whether its
-//! one-second window is fixed or sliding. So each account gets its own governor limiter with
-//! burst 1: grants are spaced at least `1/rate` apart, and any one-second window (fixed or
-//! sliding, half-open) holds at most `ceil(rate)` of them, never a burst. On top of that:
-//! - a per-second 429 halves the rate (floor `max(0.2, policy/20)`), which then recovers by
-//!   `policy/20` per 429-free second, measured on the monotonic clock;
+//! one-second window is fixed or sliding. So each account gets its own [`pacer`]: grants evenly
+//! spaced at the account's rate, late ones caught up, and never more than the limit in any
+//! window a little longer than a second (the rule and why governor alone cannot express it are
+//! in that module). On top of that:
+//! - a per-second 429 lowers the rate, which returns quickly to just below the rate that drew
+//!   the 429 and then probes slowly upward ([`adapt`]), measured on the monotonic clock;
 //! - a Retry-After pauses the account until then (at most two days); a daily 429 without one
 //!   pauses it until the next 00:00 UTC;
 //! - on plans with a daily cap, grants are counted per UTC day and held once the cap is reached.
@@ -19,6 +20,8 @@
 //! [`Limiters::snapshot`]). No locking either: the owner wraps `Limiters` in its own mutex.
 
 mod account;
+mod adapt;
+mod pacer;
 mod utc;
 
 #[cfg(test)]
@@ -37,7 +40,11 @@ use self::account::Account;
 /// What an account may use at most.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AccountPolicy {
-    /// Requests per second, safety margin already applied. Fractional rates are fine.
+    /// Zoom's limit for the account, requests per second (the plan's, or a configured `rate`):
+    /// no window of one second ever holds more requests than this, rounded up.
+    pub limit: f64,
+    /// The rate requests are paced at when nothing slows them down: `limit` times
+    /// `delivery.rate_margin`. Fractional rates are fine.
     pub rate: f64,
     /// Requests per UTC day, for plans with a daily cap.
     pub daily_limit: Option<u32>,
@@ -62,8 +69,22 @@ pub struct LimiterSnapshot {
     pub paused: usize,
     /// Tracked accounts that are not paused.
     pub active: usize,
-    /// Every tracked account, sorted by id: (account, current rate, paused).
-    pub per_account: Vec<(String, f64, bool)>,
+    /// Every tracked account, sorted by id.
+    pub per_account: Vec<AccountView>,
+}
+
+/// One tracked account in a [`LimiterSnapshot`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccountView {
+    pub account_id: String,
+    /// Zoom's limit, requests per second.
+    pub limit: f64,
+    /// The rate the pacer runs at now (below the policy rate after a 429).
+    pub rate: f64,
+    /// Held by a Retry-After, a daily 429 or the daily cap.
+    pub paused: bool,
+    /// Requests Zoom accepted per second, over the last ten whole seconds.
+    pub delivered: f64,
 }
 
 type PolicyFn = dyn Fn(&str) -> AccountPolicy + Send + Sync;
@@ -89,6 +110,7 @@ impl Limiters<MonotonicClock> {
         Limiters::new(
             MonotonicClock,
             move |account| AccountPolicy {
+                limit: config.account_limit(account),
                 rate: config.account_rate(account),
                 daily_limit: config.account_daily_limit(account),
             },
@@ -152,18 +174,25 @@ impl<C: Clock + Clone> Limiters<C> {
     }
 
     pub fn snapshot(&self, now_utc: SystemTime) -> LimiterSnapshot {
-        let mut per_account: Vec<(String, f64, bool)> = self
+        let now = self.clock.now();
+        let mut per_account: Vec<AccountView> = self
             .accounts
             .iter()
-            .map(|(id, state)| (id.clone(), state.rate(), state.is_paused(now_utc)))
+            .map(|(id, state)| AccountView {
+                account_id: id.clone(),
+                limit: state.policy().limit,
+                rate: state.rate(),
+                paused: state.is_paused(now_utc),
+                delivered: state.delivered_rate(now),
+            })
             .collect();
-        per_account.sort_by(|a, b| a.0.cmp(&b.0));
-        let paused = per_account.iter().filter(|entry| entry.2).count();
+        per_account.sort_by(|a, b| a.account_id.cmp(&b.account_id));
+        let paused = per_account.iter().filter(|view| view.paused).count();
         let total_rate = per_account
             .iter()
-            .filter(|entry| !entry.2)
-            .map(|entry| entry.1)
-            .sum();
+            .filter(|view| !view.paused)
+            .map(|view| view.rate)
+            .fold(0.0, |sum, rate| sum + rate);
         LimiterSnapshot {
             total_rate,
             paused,
@@ -175,6 +204,29 @@ impl<C: Clock + Clone> Limiters<C> {
     /// The current rate of a tracked account; `None` if it has no state (never used or released).
     pub fn rate_of(&self, account: &str) -> Option<f64> {
         self.accounts.get(account).map(|state| state.rate())
+    }
+
+    /// How `account` is paced now; for an account without state, its policy at rest.
+    pub fn view_of(&self, account: &str, now_utc: SystemTime) -> AccountView {
+        match self.accounts.get(account) {
+            Some(state) => AccountView {
+                account_id: account.to_string(),
+                limit: state.policy().limit,
+                rate: state.rate(),
+                paused: state.is_paused(now_utc),
+                delivered: state.delivered_rate(self.clock.now()),
+            },
+            None => {
+                let policy = (self.policy)(account);
+                AccountView {
+                    account_id: account.to_string(),
+                    limit: policy.limit,
+                    rate: policy.rate,
+                    paused: false,
+                    delivered: 0.0,
+                }
+            }
+        }
     }
 
     /// The state of `account`, created on first use, and the clock to drive it with.

@@ -184,6 +184,18 @@ impl ZoomClient {
         })
     }
 
+    /// Whether a token is at hand, so that a request would leave at once (see
+    /// [`TokenCache::ready`]).
+    pub fn token_ready(&self) -> bool {
+        self.inner.tokens.ready()
+    }
+
+    /// Gets a token into the cache (one request at most, shared with concurrent callers), or
+    /// says why there is none.
+    pub async fn fetch_token(&self) -> Result<(), String> {
+        self.inner.tokens.get().await.map(|_| ())
+    }
+
     /// Sends one edit. `body` is Zoom's JSON request body, already serialized (robot_jid,
     /// account_id, content, ...). If Zoom refuses the token, the edit is repeated once with a
     /// fresh one; a second refusal is [`Outcome::Transient`].

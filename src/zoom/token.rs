@@ -172,6 +172,17 @@ impl TokenCache {
         }
     }
 
+    /// Whether [`TokenCache::get`] would answer at once with a token, without waiting for a
+    /// token request. The dispatcher takes no rate-limit slot before this holds: a request that
+    /// waits for a token leaves late, and its late arrival at Zoom would crowd the next ones
+    /// into one second.
+    pub fn ready(&self) -> bool {
+        match self.decide() {
+            Decision::Use(_) | Decision::Refresh { fallback: Some(_) } => true,
+            Decision::Fail(_) | Decision::Refresh { fallback: None } => false,
+        }
+    }
+
     /// Drops the token of `generation` after Zoom refused it, unless it was already replaced.
     pub fn invalidate(&self, generation: u64) {
         let mut state = self.lock();

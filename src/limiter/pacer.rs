@@ -1,0 +1,176 @@
+//! The pacing rule of one account: when its next request may go, at the rate it runs at now.
+//!
+//! Zoom counts an account's requests per second without saying whether its window is aligned
+//! to wall-clock seconds or slides, and its clock sees our requests a few milliseconds late,
+//! with jitter. So the rule is "evenly spaced at `rate`, never more than the limit in any
+//! window a little longer than one second", made of three parts:
+//!
+//! 1. **Grid with bounded catch-up** (governor's GCRA, burst `k`): grants fall on a grid
+//!    `1/rate` apart. A grant that comes late (a timer that fired late, a busy runtime) does not
+//!    shift the grid: the next ones catch up, as long as the lag is under [`CATCH_UP`]. This is
+//!    what GCRA with a burst of `k` cells means, and governor does it exactly. With burst 1 (the
+//!    earlier design) every late wake-up was lost for good: a 16.7 ms interval fired about 1.6 ms
+//!    late on average, so Business drained at 89% of its limit.
+//! 2. **No bursts**: two grants are never closer than half an interval, so catching up spreads
+//!    out instead of leaving in one burst. GCRA would also hand out its whole burst after an
+//!    idle spell; that credit is taken back when a grant follows more than
+//!    `interval + CATCH_UP` of silence, so a busy period always starts on a fresh grid.
+//! 3. **Window cap**: at most `ceil(limit)` grants in any window of [`WINDOW`] (one second plus
+//!    [`WINDOW_GUARD`]), checked against a log of the last grants. This is Zoom's own rule with a
+//!    guard for arrival jitter, and it holds for windows of any phase, so for fixed and sliding
+//!    windows alike. GCRA cannot express it: a GCRA that allows any catch-up at all lets up to
+//!    `2k - 1` grants into one window; only a log of send times bounds the count in every window.
+//!
+//! In steady state only rule 1 binds, and the grid's spacing (the rate, `limit` times
+//! `delivery.rate_margin`) keeps `limit + 1` consecutive grants 1/margin seconds apart: 5 ms of
+//! slack for arrival jitter at the default 0.995. While catching up, rule 3 keeps at least
+//! [`WINDOW_GUARD`] of it.
+//!
+//! Time is the injected monotonic clock only: a wall-clock step changes nothing here.
+
+use std::collections::VecDeque;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::clock::{Clock, Reference};
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+
+/// How far behind its grid the pacer may fall and still catch up (rule 1). Longer stalls are
+/// not made up: after them the grid restarts, which costs capacity but never adds a burst.
+pub(super) const CATCH_UP: Duration = Duration::from_millis(100);
+/// Rule 3's margin over one second: the least slack any `limit + 1` grants keep for jitter
+/// between our send times and Zoom's arrival times.
+pub(super) const WINDOW_GUARD: Duration = Duration::from_millis(2);
+pub(super) const WINDOW: Duration =
+    Duration::from_nanos(1_000_000_000 + WINDOW_GUARD.as_nanos() as u64);
+
+/// Rates outside this range are clamped before building a limiter (config validation already
+/// keeps them in 0..=10000, this only guards the interval arithmetic).
+const MIN_RATE: f64 = 0.001;
+const MAX_RATE: f64 = 1_000_000.0;
+
+type Gcra<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
+
+pub(super) struct Pacer<C: Clock> {
+    clock: C,
+    /// Rule 3's count: `ceil(limit)`.
+    window_count: usize,
+    /// The grid's spacing, `1/rate` rounded up to whole nanoseconds.
+    interval: Duration,
+    /// Rule 1. Rebuilt by [`Pacer::set_rate`] (a governor quota is fixed).
+    gcra: Gcra<C>,
+    /// Instants of the last `window_count` grants, oldest first (rules 2 and 3).
+    recent: VecDeque<C::Instant>,
+}
+
+impl<C: Clock + Clone> Pacer<C> {
+    /// A pacer for an account whose limit is `limit` requests per second, running at `rate`.
+    /// The first request may go at once.
+    pub(super) fn new(limit: f64, rate: f64, clock: &C) -> Self {
+        let window_count = (sanitize(limit) - 1e-9).ceil().max(1.0) as usize;
+        let interval = interval(rate);
+        let mut pacer = Pacer {
+            clock: clock.clone(),
+            window_count,
+            interval,
+            gcra: gcra(interval, clock),
+            recent: VecDeque::with_capacity(window_count.min(64)),
+        };
+        pacer.restart(1);
+        pacer
+    }
+
+    /// Takes a grant if all three rules allow one now; otherwise says how long until they
+    /// might (never zero). `now` must be `clock.now()`.
+    pub(super) fn try_grant(&mut self, now: C::Instant) -> Result<(), Duration> {
+        // Rules 2 and 3 first: they only look, while a positive GCRA answer consumes a cell.
+        let mut not_before: Option<C::Instant> = None;
+        if let Some(&last) = self.recent.back() {
+            not_before = Some(later(last, self.interval / 2));
+        }
+        if self.recent.len() >= self.window_count {
+            let oldest = self.recent[self.recent.len() - self.window_count];
+            let window_opens = later(oldest, WINDOW);
+            not_before = Some(not_before.map_or(window_opens, |at| at.max(window_opens)));
+        }
+        if let Some(at) = not_before {
+            if at > now {
+                return Err(Duration::from(at.duration_since(now)).max(Duration::from_nanos(1)));
+            }
+        }
+        // After a silence longer than catching up could fill, start a fresh grid rather than
+        // spend the credit GCRA piled up meanwhile.
+        let idle = self
+            .recent
+            .back()
+            .is_some_and(|&last| now > later(last, self.interval + CATCH_UP));
+        if idle {
+            self.restart(1);
+        }
+        if let Err(not_until) = self.gcra.check() {
+            return Err(not_until.wait_time_from(now).max(Duration::from_nanos(1)));
+        }
+        if self.recent.len() == self.window_count {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(now);
+        Ok(())
+    }
+
+    /// Runs at `rate` from now on, the next grant one new interval from now (or later, by
+    /// rules 2 and 3). Used after a 429 (slow down, and wait before trying again) and while
+    /// recovering from one; a fresh GCRA would hold a full burst of credit, so it is used up.
+    pub(super) fn set_rate(&mut self, rate: f64) {
+        self.interval = interval(rate);
+        self.restart(0);
+    }
+
+    /// A fresh GCRA at the current interval with `cells` (0 or 1) left to grant now.
+    fn restart(&mut self, cells: u32) {
+        self.gcra = gcra(self.interval, &self.clock);
+        // Consuming `burst - cells` cells of a fresh GCRA leaves its theoretical arrival time
+        // that many intervals ahead: with 0 left, the next conforming instant is one interval
+        // from now; with 1 left, it is now, and the one after falls on the grid.
+        if let Some(consume) = NonZeroU32::new(burst(self.interval).get() - cells) {
+            let _ = self.gcra.check_n(consume);
+        }
+    }
+}
+
+/// The spacing between grants at `rate`, rounded *up* to whole nanoseconds: rounding down would
+/// let e.g. 3/s put a fourth grant just inside one second.
+pub(super) fn interval(rate: f64) -> Duration {
+    Duration::from_nanos((1e9 / sanitize(rate)).ceil() as u64)
+}
+
+pub(super) fn sanitize(rate: f64) -> f64 {
+    if rate.is_nan() {
+        MIN_RATE
+    } else {
+        rate.clamp(MIN_RATE, MAX_RATE)
+    }
+}
+
+/// GCRA's burst for a grid of `interval`: one cell plus enough to absorb [`CATCH_UP`] of lag,
+/// and at least one interval's worth.
+fn burst(interval: Duration) -> NonZeroU32 {
+    let extra = (CATCH_UP.as_nanos() as f64 / interval.as_nanos() as f64).ceil();
+    NonZeroU32::new(1 + extra.clamp(1.0, 100_000.0) as u32).expect("at least 2")
+}
+
+fn gcra<C: Clock + Clone>(interval: Duration, clock: &C) -> Gcra<C> {
+    let quota = Quota::with_period(interval)
+        .expect("interval is at least one nanosecond")
+        .allow_burst(burst(interval));
+    RateLimiter::direct_with_clock(quota, clock.clone())
+}
+
+/// Bounds every offset added to a monotonic instant, so absurd settings cannot overflow it.
+const MAX_OFFSET: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+pub(super) fn later<I: Reference>(at: I, by: Duration) -> I {
+    at + Nanos::from(by.min(MAX_OFFSET))
+}
