@@ -6,7 +6,7 @@
 //! 1. a [`Scripted`] step queued for the message id, if any (answers before anything else);
 //! 2. the bearer token (401 code 124);
 //! 3. `Content-Type`, JSON and `account_id`, needed to know whose quota to charge (400 7001);
-//! 4. the account's daily cap, then its per-second window (429);
+//! 4. the account's daily cap, then its per-second window, then an injected 429 (429);
 //! 5. random faults: slow, then reset / 5xx / spurious 429;
 //! 6. the rest of the body (400 7001), `robot_jid` (404 7002, 403 7004), the message id
 //!    (404 8001);
@@ -37,7 +37,7 @@ use super::reply::{
 };
 use super::state::{Admission, Shared};
 use super::stats::RequestRecord;
-use super::{Faults, Scripted};
+use super::{Faults, InjectedLimit, RetryAfterForm, Scripted};
 
 /// How an edit request is answered.
 enum Reply {
@@ -158,6 +158,18 @@ async fn judge_edit(
                     retry_after_at(form, now, midnight.unwrap_or(now))
                 });
                 return Reply::Response(too_many(limit, "Daily-limit", DAILY_MESSAGE, retry_after));
+            }
+            Admission::Injected { limit, answer } => {
+                let retry_after = answer
+                    .retry_after
+                    .map(|delay| retry_after_value(RetryAfterForm::Seconds, delay));
+                let response = match answer.limit {
+                    InjectedLimit::Qps => too_many(limit, "QPS", QPS_MESSAGE, retry_after),
+                    InjectedLimit::Daily => {
+                        too_many(limit, "Daily-limit", DAILY_MESSAGE, retry_after)
+                    }
+                };
+                return Reply::Response(response);
             }
         }
     };

@@ -17,6 +17,7 @@
 //! - `stats.rs`: the observation types ([`MessageRecord`], [`AccountStats`],
 //!   [`SandboxStats`], [`RequestRecord`]).
 //! - `conn.rs`: the listener whose connections a handler can reset without answering.
+//! - `tests.rs`: unit tests of what `tests/sandbox.rs` does not cover (injected 429s).
 //!
 //! # Rate-limit model
 //!
@@ -34,6 +35,8 @@
 //! - `X-RateLimit-Limit` reports the account's *plan* limit; `X-RateLimit-Remaining` reports what
 //!   is left of the account's *capacity* (which a [`AccountSettings::capacity_per_second`]
 //!   override can make smaller, as when another app shares the quota).
+//! - [`Sandbox::inject_429`] forces a 429 on an account's next requests that pass both checks,
+//!   as when another app's burst or Zoom itself refuses one request; they count like any other.
 
 mod conn;
 mod edit;
@@ -41,6 +44,8 @@ mod http;
 mod reply;
 mod state;
 mod stats;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -194,6 +199,24 @@ impl Default for Faults {
             spurious_429_delay: Duration::from_secs(1),
         }
     }
+}
+
+/// Which limit an injected 429 names in `X-RateLimit-Type` (see [`Sandbox::inject_429`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectedLimit {
+    /// `QPS`, with Zoom's per-second message.
+    Qps,
+    /// `Daily-limit`, with Zoom's daily message.
+    Daily,
+}
+
+/// A 429 forced on one request of an account (see [`Sandbox::inject_429`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Injected429 {
+    pub limit: InjectedLimit,
+    /// `Retry-After` this far after the answer, in delta seconds (rounded up). `None`: no
+    /// `Retry-After`.
+    pub retry_after: Option<Duration>,
 }
 
 /// One scripted answer to the next edit request for a message id (see [`Sandbox::script`]).
@@ -364,6 +387,19 @@ impl Sandbox {
             .entry(message_id.to_string())
             .or_default()
             .extend(steps);
+    }
+
+    /// Answers the next `count` edit requests naming `account_id` that pass the daily and
+    /// per-second checks with `answer` instead (after any injections still queued). They use
+    /// quota like any request Zoom received, and random faults do not apply to them.
+    pub fn inject_429(&self, account_id: &str, answer: Injected429, count: u32) {
+        let mut state = self.shared.lock();
+        let injected = &mut state
+            .accounts
+            .entry(account_id.to_string())
+            .or_default()
+            .injected;
+        injected.extend(std::iter::repeat_n(answer, count as usize));
     }
 
     pub fn set_account(&self, account_id: &str, settings: AccountSettings) {

@@ -17,7 +17,7 @@ use time::{Date, OffsetDateTime};
 use tokio_util::sync::CancellationToken;
 
 use super::stats::{AccountStats, MessageRecord, RequestRecord, SandboxStats};
-use super::{SandboxConfig, Scripted};
+use super::{Injected429, SandboxConfig, Scripted};
 use crate::plan::Plan;
 
 /// Outcome of the rate-limit check for one request.
@@ -33,6 +33,11 @@ pub(crate) enum Admission {
     },
     Daily {
         limit: u32,
+    },
+    /// Admitted, but answered with an injected 429.
+    Injected {
+        limit: u32,
+        answer: Injected429,
     },
 }
 
@@ -86,6 +91,8 @@ pub(crate) struct AccountState {
     pub day: Option<Date>,
     pub day_used: u32,
     pub arrivals: Vec<Duration>,
+    /// 429s still to answer instead of admitting ([`super::Sandbox::inject_429`]).
+    pub injected: VecDeque<Injected429>,
 }
 
 /// The limits that apply to one account right now.
@@ -304,6 +311,12 @@ impl State {
             };
         }
         account.day_used += 1;
+        if let Some(answer) = account.injected.pop_front() {
+            return Admission::Injected {
+                limit: plan_limit,
+                answer,
+            };
+        }
         Admission::Admitted {
             limit: plan_limit,
             remaining: limits.capacity - account.window_count,

@@ -39,7 +39,7 @@ pub struct AccountStats {
     pub requests: u64,
     /// 2xx answers.
     pub successes: u64,
-    /// Every 429 sent for a request naming this account (limits, faults and scripts).
+    /// Every 429 sent for a request naming this account (limits, faults, injections and scripts).
     pub rate_limited: u64,
     /// 429s sent because a per-second window was full.
     pub rate_limited_qps: u64,
