@@ -1,0 +1,187 @@
+//! The in-process rig: a sandbox Zoom and the real daemon ([`zoomq::run`]) on a fresh temporary
+//! directory, both on this process's runtime, and the producer side every scenario shares
+//! (request lines, pipelined preloads, sequence-numbered contents).
+//!
+//! The daemon runs on its default settings: [`Sandbox::daemon_config`] plus whatever a
+//! scenario's `tweak` adds (per-account overrides). `accounts` runs the daemon as its own
+//! process instead (see `process.rs`).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use zoomq::config::Config;
+use zoomq::sandbox::{Sandbox, SandboxConfig};
+
+/// The account single-account scenarios' edits name.
+pub const ACCOUNT: &str = "bench-account";
+
+/// A sandbox Zoom and a daemon on a fresh directory, both on this runtime.
+pub struct Rig {
+    pub sandbox: Sandbox,
+    pub socket: PathBuf,
+    /// Stops the daemon; `stop` fires it and waits for the daemon's graceful shutdown.
+    cancel: CancellationToken,
+    daemon: JoinHandle<anyhow::Result<()>>,
+    /// Holds the socket and the sled database; removed on drop, after the daemon stopped.
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    /// Starts a sandbox and a daemon on its defaults; `tweak` may add per-account overrides.
+    pub async fn start(
+        sandbox_config: SandboxConfig,
+        tweak: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<Rig> {
+        let sandbox = Sandbox::start(sandbox_config)
+            .await
+            .context("cannot start the sandbox")?;
+        let dir = tempfile::Builder::new().prefix("zoomq-drain-").tempdir()?;
+        // Metrics stay off (daemon_config): several daemons may run at once.
+        let mut config = sandbox.daemon_config(dir.path());
+        tweak(&mut config);
+        config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let socket = config.socket.path.clone();
+        let listener = zoomq::bind_socket(&config.socket)?;
+        let cancel = CancellationToken::new();
+        let daemon = tokio::spawn(zoomq::run(config, listener, cancel.clone()));
+        // The daemon accepts only once its queue is open; a ping waits for that.
+        zoomq::client::request(&socket, &json!({"op": "ping"}))
+            .await
+            .context("the daemon did not answer a ping")?;
+        Ok(Rig {
+            sandbox,
+            socket,
+            cancel,
+            daemon,
+            _dir: dir,
+        })
+    }
+
+    pub async fn stats(&self) -> anyhow::Result<Value> {
+        zoomq::client::request(&self.socket, &json!({"op": "stats"})).await
+    }
+
+    pub fn account(&self, account_id: &str) -> anyhow::Result<zoomq::sandbox::AccountStats> {
+        self.sandbox
+            .account(account_id)
+            .with_context(|| format!("the sandbox never saw account {account_id}"))
+    }
+
+    /// Waits until the sandbox has seen a request of `account_id`; returns when it arrived.
+    pub async fn first_request(&self, account_id: &str) -> anyhow::Result<Instant> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(first) = self
+                .sandbox
+                .account(account_id)
+                .and_then(|a| a.arrivals.first().copied())
+            {
+                return Ok(self.sandbox.started() + first);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "no request of {account_id} reached the sandbox within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits until nothing is pending or in flight; returns how long that took.
+    pub async fn wait_drained(&self, timeout: Duration) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let stats = self.stats().await?;
+            if stats["pending"] == 0 && stats["in_flight"] == 0 {
+                return Ok(started.elapsed());
+            }
+            anyhow::ensure!(
+                started.elapsed() < timeout,
+                "the queue did not drain within {timeout:?}: {stats}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.cancel.cancel();
+        self.daemon.await??;
+        self.sandbox.shutdown().await;
+        Ok(())
+    }
+}
+
+/// Enqueues `count` edits of distinct messages `{prefix}-{i}` of `account` over one pipelined
+/// connection and waits for every answer.
+pub async fn preload(
+    socket: &Path,
+    account: &str,
+    prefix: &str,
+    count: usize,
+) -> anyhow::Result<()> {
+    let lines = (0..count).map(|i| {
+        let id = format!("{prefix}-{i}");
+        edit_line(account, &id, &seq_content(&id, i as u64))
+    });
+    send_all(socket, lines).await
+}
+
+/// Writes every line over one connection (in batches) and checks that every answer is ok.
+pub async fn send_all(socket: &Path, lines: impl Iterator<Item = Vec<u8>>) -> anyhow::Result<()> {
+    let stream = UnixStream::connect(socket).await?;
+    let (reader, mut writer) = stream.into_split();
+    let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let reading = tokio::spawn(async move {
+        let mut answers = BufReader::new(reader).lines();
+        while sent_rx.recv().await.is_some() {
+            let line = answers
+                .next_line()
+                .await?
+                .context("the daemon closed the connection")?;
+            anyhow::ensure!(line.starts_with(r#"{"ok":true"#), "edit refused: {line}");
+        }
+        anyhow::Ok(())
+    });
+    let mut batch = Vec::new();
+    for line in lines {
+        batch.extend(line);
+        let _ = sent_tx.send(());
+        if batch.len() >= 64 * 1024 {
+            writer.write_all(&batch).await?;
+            batch.clear();
+        }
+    }
+    writer.write_all(&batch).await?;
+    drop(sent_tx);
+    reading.await?
+}
+
+/// One `edit` request line.
+pub fn edit_line(account: &str, message_id: &str, content: &Value) -> Vec<u8> {
+    let request = json!({
+        "op": "edit", "message_id": message_id, "account_id": account,
+        "robot_jid": "bench-bot@xmpp.zoom.us", "content": content,
+    });
+    let mut line = serde_json::to_vec(&request).expect("a JSON value serializes");
+    line.push(b'\n');
+    line
+}
+
+/// A content whose text carries `seq`, so the sandbox's copy tells which edit it shows.
+pub fn seq_content(id: &str, seq: u64) -> Value {
+    json!({"head": {"text": id}, "body": [{"type": "message", "text": format!("seq {seq}")}]})
+}
+
+/// The sequence number a [`seq_content`] carries.
+pub fn content_seq(content: &Value) -> Option<u64> {
+    content["body"][0]["text"]
+        .as_str()?
+        .strip_prefix("seq ")?
+        .parse()
+        .ok()
+}
