@@ -109,6 +109,9 @@ pub struct WindowMax {
     pub any_phase_fixed: u32,
     /// Any half-open interval `[t, t + 1 s)`: the bound on every fixed window.
     pub sliding: u32,
+    /// Where the first sliding window with `sliding` requests starts, in seconds after the
+    /// first request.
+    pub sliding_worst_at_s: f64,
 }
 
 impl WindowMax {
@@ -120,7 +123,10 @@ impl WindowMax {
                 .map(|tenth| max_fixed(sorted, Duration::from_millis(100 * tenth)))
                 .max()
                 .unwrap_or(0),
-            sliding: max_sliding(sorted),
+            sliding: max_sliding(sorted).0,
+            sliding_worst_at_s: sorted
+                .first()
+                .map_or(0.0, |first| (max_sliding(sorted).1 - *first).as_secs_f64()),
         }
     }
 
@@ -152,17 +158,20 @@ fn max_fixed(sorted: &[Duration], phase: Duration) -> u32 {
     best
 }
 
-/// Most arrivals in any half-open interval `[t, t + 1 s)`.
-fn max_sliding(sorted: &[Duration]) -> u32 {
-    let mut best = 0;
+/// Most arrivals in any half-open interval `[t, t + 1 s)`, and the first arrival of the
+/// first interval holding that many.
+fn max_sliding(sorted: &[Duration]) -> (u32, Duration) {
+    let mut best = (0, Duration::ZERO);
     let mut first = 0;
     for (last, t) in sorted.iter().enumerate() {
         while t.saturating_sub(sorted[first]) >= SECOND {
             first += 1;
         }
-        best = best.max(last - first + 1);
+        if last - first + 1 > best.0 {
+            best = (last - first + 1, sorted[first]);
+        }
     }
-    best as u32
+    (best.0 as u32, best.1)
 }
 
 /// Deliveries inside an interval.

@@ -13,8 +13,8 @@ use zoomq::config::AccountConfig;
 use zoomq::plan::Plan;
 use zoomq::sandbox::{AccountSettings, SandboxConfig};
 
-use crate::measure::{self, secs, Gaps, Log, Rate, WindowMax};
-use crate::report::{loadavg, print_targets, Target};
+use crate::measure::{self, ms, secs, Gaps, Log, Rate, WindowMax};
+use crate::report::{loadavg, print_targets, series, Target};
 use crate::rig::{preload, Rig, ACCOUNT};
 use crate::Args;
 
@@ -65,6 +65,8 @@ struct Row {
     /// Spacing of requests at the sandbox in the steady part; nominal `1000 / limit`.
     gap_nominal_ms: f64,
     gaps: Gaps,
+    /// The first five gaps of the run, in ms: how the account starts.
+    first_gaps_ms: Vec<f64>,
     /// 2xx per second from the first delivery.
     per_second: Vec<usize>,
     /// Edits still pending when the run ended: must be > 0, or the daemon ran dry.
@@ -174,8 +176,8 @@ pub async fn drain(args: &Args, machine: &Value) -> anyhow::Result<()> {
             ),
             format!("<= {}", r.limit),
             format!(
-                "{} / {} / {} / {}",
-                w.sandbox_fixed, w.wall_fixed, w.any_phase_fixed, w.sliding
+                "{} / {} / {} / {} (worst sliding window from {:.2} s after the first request)",
+                w.sandbox_fixed, w.wall_fixed, w.any_phase_fixed, w.sliding, w.sliding_worst_at_s
             ),
             w.worst() <= r.limit,
         ));
@@ -185,6 +187,13 @@ pub async fn drain(args: &Args, machine: &Value) -> anyhow::Result<()> {
             r.backlog_left.to_string(),
             r.backlog_left > 0,
         ));
+    }
+    for r in &rows {
+        println!(
+            "{}: first gaps {} ms",
+            r.name,
+            series(r.first_gaps_ms.iter().map(|g| format!("{g:.1}")))
+        );
     }
     println!(
         "(deliv/s: (n - 1) / (last - first) of the n deliveries in the steady part; count/s: n / steady seconds; reqs, 429 and windows over the whole run; gaps in ms between requests in the steady part)"
@@ -261,6 +270,7 @@ async fn row(spec: Spec, seconds: f64, edge: f64) -> anyhow::Result<Row> {
         windows: WindowMax::of(&all, log.wall_phase),
         gap_nominal_ms: 1000.0 / f64::from(limit),
         gaps: Gaps::of(measure::within(&all, from, until)),
+        first_gaps_ms: all.windows(2).take(5).map(|w| ms(w[1] - w[0])).collect(),
         per_second: measure::per_second(&delivered, delivered[0], until + secs(edge)),
         backlog_left: stats["pending"].as_u64().unwrap_or(0),
     })
