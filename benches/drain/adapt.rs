@@ -75,8 +75,8 @@ pub async fn lone429(args: &Args, machine: &Value) -> anyhow::Result<()> {
     let lost_after = lost_seconds(limit_f, after_until - t429, after.count);
     let cost = lost_after - lost_before * ((after_until - t429).as_secs_f64() / 10.0);
 
-    // The first 1 s window from the 429 on whose deliveries come at >= 95 % of the limit, and
-    // the first at >= 98 % of the rate before the 429 (which may itself be below 95 %).
+    // The first 1 s window from the 429 on holding >= 95 % of the limit, and the first holding
+    // >= 98 % of the rate before the 429 (which may itself be below 95 %).
     let recovered = recovery(&delivered, t429, last, RECOVERED_SHARE * limit_f);
     let back_to_before = recovery(&delivered, t429, last, 0.98 * steady_before.per_second);
 
@@ -167,12 +167,14 @@ pub async fn lone429(args: &Args, machine: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How long after `t429` the first 1 s window (searched in steps) starts whose deliveries come
-/// at `rate` or more.
+/// How long after `t429` the first 1 s window (searched in steps) starts that holds at least
+/// `rate` deliveries, rounded down to whole requests. A count, not the gaps' rate: a window
+/// that is half empty must not pass because its other half is busy.
 fn recovery(delivered: &[Duration], t429: Duration, last: Duration, rate: f64) -> Option<Duration> {
+    let needed = rate.floor().max(1.0) as usize;
     let mut t = t429;
     while t + Duration::from_secs(1) <= last {
-        if measure::rate(delivered, t, t + Duration::from_secs(1)).per_second >= rate {
+        if measure::within(delivered, t, t + Duration::from_secs(1)).len() >= needed {
             return Some(t - t429);
         }
         t += RECOVERY_STEP;
