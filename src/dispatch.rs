@@ -45,12 +45,16 @@ pub struct DispatchSettings {
 /// A finished request, reported back to the loop.
 struct Finished {
     job: Job,
+    /// When the account's limiter granted the request.
+    granted: Instant,
     outcome: Outcome,
 }
 
 /// How long to hold all sending after the token could not be obtained.
 const NO_TOKEN_PAUSE_MIN: Duration = Duration::from_secs(1);
 const NO_TOKEN_PAUSE_MAX: Duration = Duration::from_secs(60);
+/// The longest an account waits in the timer heap before its limiter is asked again.
+const MAX_HELD: Duration = Duration::from_secs(60);
 
 pub struct Dispatcher {
     queue: Queue,
@@ -156,8 +160,13 @@ impl Dispatcher {
                 Some(finished) = self.finished_rx.recv() => self.handle(finished),
                 fetched = token_fetched(&mut self.token_fetch) => {
                     self.token_fetch = None;
-                    if let Err(detail) = fetched {
-                        self.hold_for_token(&detail);
+                    match fetched {
+                        // Fetched, or a refresh ahead of expiry failed while the current token
+                        // is still good: keep sending.
+                        _ if self.zoom.token_ready() => self.no_token_pause = NO_TOKEN_PAUSE_MIN,
+                        // A token that is unusable at once (expiring as it came) is no token.
+                        Ok(()) => self.hold_for_token("the new access token expired on arrival"),
+                        Err(detail) => self.hold_for_token(&detail),
                     }
                 }
                 _ = sleep => {}
@@ -183,15 +192,16 @@ impl Dispatcher {
             }
             self.no_token_until = None;
         }
-        // No slot is taken while no token is at hand: a request waiting for one would leave
-        // late, and crowd the next ones into one second at Zoom. The fetch wakes the loop.
-        if self.token_fetch.is_some() {
-            return (None, false);
-        }
         let has_work = !self.ring.is_empty() || !self.waiting.is_empty();
-        if has_work && !self.zoom.token_ready() {
+        if has_work && self.token_fetch.is_none() && self.zoom.token_wanted() {
+            // Fetch (or refresh ahead of expiry) on the dispatcher's behalf, so that no edit
+            // waits for a token while holding a rate-limit slot. The result wakes the loop.
             let zoom = self.zoom.clone();
             self.token_fetch = Some(tokio::spawn(async move { zoom.fetch_token().await }));
+        }
+        // No slot is taken while no token is at hand: a request waiting for one would leave
+        // late, and crowd the next ones into one second at Zoom.
+        if has_work && !self.zoom.token_ready() {
             return (None, false);
         }
         // Accounts whose limiter wait is over join the ring, earliest first.
@@ -213,32 +223,52 @@ impl Dispatcher {
                 break;
             };
             // Look before taking a rate-limit slot, so that a slot is never spent on nothing.
-            match self.queue.head(&account) {
-                Head::Ready => {}
+            let claimed = match self.queue.head(&account) {
+                Head::Ready => None,
                 Head::NotDurable => {
                     not_durable = true;
                     self.ring.push_back(account);
                     continue;
                 }
-                Head::Empty => {
-                    // Lets the queue know the account left the ring; it is announced again
-                    // when it has ready work.
-                    let _ = self.queue.claim(&account);
+                // Lets the queue know the account left the ring; it is announced again when it
+                // has ready work. A producer may have added some since the look, though.
+                Head::Empty => match self.queue.claim(&account) {
+                    Ok(Claimed::Empty) => continue,
+                    Ok(Claimed::NotDurable) => {
+                        not_durable = true;
+                        self.ring.push_back(account);
+                        continue;
+                    }
+                    Ok(Claimed::Job(job)) => Some(job),
+                    Err(e) => {
+                        tracing::error!(account = %account, error = %e, "cannot read a claimed job");
+                        self.ring.push_back(account);
+                        continue;
+                    }
+                },
+            };
+            let granted = match self.limiters.try_acquire(&account, SystemTime::now()) {
+                Ok(granted) => granted,
+                Err(until_allowed) => {
+                    if let Some(job) = claimed {
+                        self.put_back(&job);
+                    }
+                    self.hold(account, until_allowed);
                     continue;
                 }
-            }
-            if let Err(until_allowed) = self.limiters.try_acquire(&account, SystemTime::now()) {
-                self.waiting_seq += 1;
-                let due = Instant::now() + until_allowed;
-                self.waiting.push(Reverse((due, self.waiting_seq, account)));
-                continue;
-            }
-            match self.queue.claim(&account) {
+            };
+            let claimed = match claimed {
+                Some(job) => Ok(Claimed::Job(job)),
+                None => self.queue.claim(&account),
+            };
+            match claimed {
                 Ok(Claimed::Job(job)) => {
                     if job.more {
-                        self.ring.push_back(account);
+                        // Back in line once its limiter allows; the heap's wake-up makes sure
+                        // the loop asks again then, whatever else happens meanwhile.
+                        self.hold(account, Duration::ZERO);
                     }
-                    self.spawn_request(job, permit);
+                    self.spawn_request(job, granted, permit);
                 }
                 // A producer's edit replaced the head between the look and the claim.
                 Ok(Claimed::NotDurable) => {
@@ -262,18 +292,38 @@ impl Dispatcher {
         (wait, not_durable)
     }
 
-    fn spawn_request(&self, job: Job, permit: tokio::sync::OwnedSemaphorePermit) {
+    /// Puts `account` in the timer heap for `wait`. Waits on the wall clock (a Retry-After, the
+    /// daily cap's 00:00 UTC) are re-asked at least once a minute, so a wall clock that steps
+    /// or a machine that sleeps never holds an account much past its time.
+    fn hold(&mut self, account: Arc<str>, wait: Duration) {
+        self.waiting_seq += 1;
+        let due = Instant::now() + wait.min(MAX_HELD);
+        self.waiting.push(Reverse((due, self.waiting_seq, account)));
+    }
+
+    fn spawn_request(&self, job: Job, granted: Instant, permit: tokio::sync::OwnedSemaphorePermit) {
         let zoom = self.zoom.clone();
         let finished_tx = self.finished_tx.clone();
         self.requests.spawn(async move {
             let outcome = zoom.edit(&job.header.message_id, &job.body).await;
             drop(permit);
-            let _ = finished_tx.send(Finished { job, outcome });
+            let _ = finished_tx.send(Finished {
+                job,
+                granted,
+                outcome,
+            });
         });
     }
 
     /// Turns an outcome into a queue transition and limiter feedback.
-    fn handle(&mut self, Finished { mut job, outcome }: Finished) {
+    fn handle(
+        &mut self,
+        Finished {
+            mut job,
+            granted,
+            outcome,
+        }: Finished,
+    ) {
         let account = job.header.account_id.clone();
         let now = now_ms();
         match outcome {
@@ -299,8 +349,13 @@ impl Dispatcher {
                     .zoom_rate_limited
                     .with_label_values(&[label])
                     .inc();
-                self.limiters
-                    .on_rate_limited(&account, kind, retry_after, SystemTime::now());
+                self.limiters.on_rate_limited(
+                    &account,
+                    kind,
+                    retry_after,
+                    Some(granted),
+                    SystemTime::now(),
+                );
                 tracing::info!(job_id = job.seq, message_id = %job.header.message_id, account = %account,
                     kind = label, retry_after = ?retry_after, "rate limited by Zoom; account slowed down");
                 // Not a failed attempt: the edit goes back to its place in line.
@@ -364,8 +419,15 @@ impl Dispatcher {
         }
     }
 
-    /// Holds all sending after the token could not be obtained, for longer each time.
+    /// Holds all sending after the token could not be obtained, for longer each time. Several
+    /// requests failing for want of the same token escalate the hold only once.
     fn hold_for_token(&mut self, detail: &str) {
+        if self
+            .no_token_until
+            .is_some_and(|until| until > Instant::now())
+        {
+            return;
+        }
         let pause = self.no_token_pause;
         self.no_token_until = Some(Instant::now() + pause);
         self.no_token_pause = (pause * 2).min(NO_TOKEN_PAUSE_MAX);

@@ -81,7 +81,13 @@ impl<C: Clock + Clone> Account<C> {
         }
     }
 
-    pub(super) fn try_acquire(&mut self, clock: &C, now_utc: SystemTime) -> Result<(), Duration> {
+    /// Takes a request slot, returning its instant (hand it back with a 429 for that request),
+    /// or says how long to wait.
+    pub(super) fn try_acquire(
+        &mut self,
+        clock: &C,
+        now_utc: SystemTime,
+    ) -> Result<C::Instant, Duration> {
         let now = clock.now();
         self.last_used = now;
         // Collect every reason to wait and report the longest, so the caller does not wake up
@@ -108,8 +114,8 @@ impl<C: Clock + Clone> Account<C> {
             return Err(wait);
         }
         self.pacer.try_grant(now)?;
-        self.granted_today += 1;
         if let Some(limit) = self.policy.daily_limit {
+            self.granted_today = self.granted_today.saturating_add(1);
             self.day_ends = Some(later(now, utc::until_next_midnight(now_utc)));
             if self.granted_today == limit {
                 tracing::info!(
@@ -118,7 +124,7 @@ impl<C: Clock + Clone> Account<C> {
                 );
             }
         }
-        Ok(())
+        Ok(now)
     }
 
     /// Zoom accepted a request: count it, and let a lowered rate follow its recovery curve.
@@ -138,16 +144,20 @@ impl<C: Clock + Clone> Account<C> {
         let target = recovery.rate_at(elapsed);
         if target >= self.policy.rate {
             self.recovery = None;
-            self.set_rate(self.policy.rate);
+            self.rate = self.policy.rate;
+            self.pacer.speed_up(self.policy.rate);
         } else if target >= self.rate + self.policy.rate * RECOVERY_STEP {
-            self.set_rate(target);
+            self.rate = target;
+            self.pacer.speed_up(target);
         }
     }
 
+    /// Zoom answered 429 to the request granted at `sent_at`.
     pub(super) fn on_rate_limited(
         &mut self,
         kind: LimitKind,
         retry_after: Option<SystemTime>,
+        sent_at: Option<C::Instant>,
         clock: &C,
         now_utc: SystemTime,
     ) {
@@ -168,37 +178,51 @@ impl<C: Clock + Clone> Account<C> {
             let ends = later(now, pause);
             self.pause_ends = Some(self.pause_ends.map_or(ends, |old| old.max(ends)));
         }
-        if kind == LimitKind::Qps {
-            let repeated = self
-                .last_decrease
-                .filter(|at| Duration::from(now.duration_since(*at)) < REPEAT_GUARD);
-            match repeated {
-                Some(first) => {
-                    let until = later(first, REPEAT_GUARD);
-                    self.hold_until = Some(self.hold_until.map_or(until, |old| old.max(until)));
-                }
-                None => {
-                    self.last_decrease = Some(now);
-                    let recovery = Recovery::after_429(self.policy.rate, self.rate);
-                    tracing::debug!(
-                        from = self.rate,
-                        to = recovery.base,
-                        "429: lowering account rate"
-                    );
-                    self.recovery = Some((recovery, later(now, pause)));
-                    self.set_rate(recovery.base);
-                    return;
-                }
+        if kind == LimitKind::Daily {
+            self.pacer.slow_down(self.rate, now);
+            return;
+        }
+        // A 429 for a request sent before the last decrease was already answered by it: with
+        // several requests in flight, one overflow comes back as several 429s.
+        let answered = match (sent_at, self.last_decrease) {
+            (Some(sent), Some(decreased)) => sent <= decreased,
+            _ => false,
+        };
+        if answered {
+            return;
+        }
+        let repeated = self
+            .last_decrease
+            .filter(|at| Duration::from(now.duration_since(*at)) < REPEAT_GUARD);
+        match repeated {
+            // Sent after the decrease and still refused: the window is full even at the lower
+            // rate, so wait until it has passed.
+            Some(first) => {
+                let until = later(first, REPEAT_GUARD);
+                self.hold_until = Some(self.hold_until.map_or(until, |old| old.max(until)));
+                self.pacer.slow_down(self.rate, now);
+            }
+            None => {
+                self.last_decrease = Some(now);
+                let recovery = Recovery::after_429(self.policy.rate, self.rate);
+                tracing::debug!(
+                    from = self.rate,
+                    to = recovery.base,
+                    "429: lowering account rate"
+                );
+                self.recovery = Some((recovery, later(now, pause)));
+                self.rate = recovery.base;
+                self.pacer.slow_down(recovery.base, now);
             }
         }
-        // Whatever else happened, wait at least one interval before the next request.
-        self.set_rate(self.rate);
     }
 
     /// When this state may be dropped: after `idle` without calls, but never while paused,
     /// while a daily count for the current UTC day must be kept, or before the rate recovered.
     pub(super) fn retain_until(&self, idle: Duration) -> C::Instant {
-        let mut until = later(self.last_used, idle);
+        // Never before the pacer's memory of recent grants has lapsed, whatever `idle` says:
+        // a fresh pacer would forget them and could crowd one window.
+        let mut until = later(self.last_used, idle.max(self.pacer.memory()));
         for deadline in [self.pause_ends, self.day_ends, self.hold_until]
             .into_iter()
             .flatten()
@@ -229,11 +253,6 @@ impl<C: Clock + Clone> Account<C> {
         let paused = self.paused_until.is_some_and(|until| until > now_utc);
         let capped = utc::day_number(now_utc) <= self.day && self.daily_cap_reached();
         paused || capped
-    }
-
-    fn set_rate(&mut self, rate: f64) {
-        self.rate = rate;
-        self.pacer.set_rate(rate);
     }
 
     /// Starts a new count at 00:00 UTC. A wall clock stepping back into an earlier day keeps the

@@ -133,10 +133,15 @@ impl<C: Clock + Clone> Limiters<C> {
         }
     }
 
-    /// Takes one request slot for `account` if allowed now. `Err(wait)` says how long until it
-    /// might be: the pacing interval, a Retry-After pause, or the daily-cap hold until the next
-    /// 00:00 UTC, whichever is longest. The wait is never zero.
-    pub fn try_acquire(&mut self, account: &str, now_utc: SystemTime) -> Result<(), Duration> {
+    /// Takes one request slot for `account` if allowed now, returning its instant (pass it to
+    /// [`Limiters::on_rate_limited`] if Zoom answers that request with a 429). `Err(wait)` says
+    /// how long until it might be: the pacing interval, a Retry-After pause, or the daily-cap
+    /// hold until the next 00:00 UTC, whichever is longest. The wait is never zero.
+    pub fn try_acquire(
+        &mut self,
+        account: &str,
+        now_utc: SystemTime,
+    ) -> Result<C::Instant, Duration> {
         let (state, clock) = self.account(account, now_utc);
         state.try_acquire(clock, now_utc)
     }
@@ -149,17 +154,19 @@ impl<C: Clock + Clone> Limiters<C> {
         }
     }
 
-    /// Zoom answered 429. `retry_after` is the absolute time from the Retry-After header, if any.
+    /// Zoom answered 429 to the request granted at `sent_at` (`None`: unknown). `retry_after`
+    /// is the absolute time from the Retry-After header, if any.
     pub fn on_rate_limited(
         &mut self,
         account: &str,
         kind: LimitKind,
         retry_after: Option<SystemTime>,
+        sent_at: Option<C::Instant>,
         now_utc: SystemTime,
     ) {
         tracing::debug!(account, ?kind, ?retry_after, "rate limited by Zoom");
         let (state, clock) = self.account(account, now_utc);
-        state.on_rate_limited(kind, retry_after, clock, now_utc);
+        state.on_rate_limited(kind, retry_after, sent_at, clock, now_utc);
     }
 
     /// Drops the state of accounts unused for `idle_release`, keeping memory bounded with many

@@ -12,9 +12,10 @@
 //!    earlier design) every late wake-up was lost for good: a 16.7 ms interval fired about 1.6 ms
 //!    late on average, so Business drained at 89% of its limit.
 //! 2. **No bursts**: two grants are never closer than half an interval, so catching up spreads
-//!    out instead of leaving in one burst. GCRA would also hand out its whole burst after an
-//!    idle spell; that credit is taken back when a grant follows more than
-//!    `interval + CATCH_UP` of silence, so a busy period always starts on a fresh grid.
+//!    out instead of leaving in one burst. And only lateness is caught up: GCRA also hands out
+//!    credit after a spell with nothing to send, so a grant that was not preceded by a refusal
+//!    (the caller had no work) and comes more than an interval after the last one starts a
+//!    fresh grid instead.
 //! 3. **Window cap**: at most `ceil(limit)` grants in any window of [`WINDOW`] (one second plus
 //!    [`WINDOW_GUARD`]), checked against a log of the last grants. This is Zoom's own rule with a
 //!    guard for arrival jitter, and it holds for windows of any phase, so for fixed and sliding
@@ -64,6 +65,12 @@ pub(super) struct Pacer<C: Clock> {
     gcra: Gcra<C>,
     /// Instants of the last `window_count` grants, oldest first (rules 2 and 3).
     recent: VecDeque<C::Instant>,
+    /// No grant before this instant: after a rate change (see [`Pacer::slow_down`] and
+    /// [`Pacer::speed_up`]). Cleared by the next grant.
+    hold: Option<C::Instant>,
+    /// Whether the caller was refused since the last grant: then a late grant is lateness to
+    /// catch up; otherwise the caller had nothing to send, and there is nothing to catch up.
+    refused: bool,
 }
 
 impl<C: Clock + Clone> Pacer<C> {
@@ -78,6 +85,8 @@ impl<C: Clock + Clone> Pacer<C> {
             interval,
             gcra: gcra(interval, clock),
             recent: VecDeque::with_capacity(window_count.min(64)),
+            hold: None,
+            refused: false,
         };
         pacer.restart(1);
         pacer
@@ -86,10 +95,18 @@ impl<C: Clock + Clone> Pacer<C> {
     /// Takes a grant if all three rules allow one now; otherwise says how long until they
     /// might (never zero). `now` must be `clock.now()`.
     pub(super) fn try_grant(&mut self, now: C::Instant) -> Result<(), Duration> {
-        // Rules 2 and 3 first: they only look, while a positive GCRA answer consumes a cell.
-        let mut not_before: Option<C::Instant> = None;
+        let result = self.check(now);
+        self.refused = result.is_err();
+        result
+    }
+
+    fn check(&mut self, now: C::Instant) -> Result<(), Duration> {
+        // Rules 2 and 3 (and a hold) first: they only look, while a positive GCRA answer
+        // consumes a cell.
+        let mut not_before = self.hold;
         if let Some(&last) = self.recent.back() {
-            not_before = Some(later(last, self.interval / 2));
+            let spaced = later(last, self.interval / 2);
+            not_before = Some(not_before.map_or(spaced, |at| at.max(spaced)));
         }
         if self.recent.len() >= self.window_count {
             let oldest = self.recent[self.recent.len() - self.window_count];
@@ -101,12 +118,13 @@ impl<C: Clock + Clone> Pacer<C> {
                 return Err(Duration::from(at.duration_since(now)).max(Duration::from_nanos(1)));
             }
         }
-        // After a silence longer than catching up could fill, start a fresh grid rather than
-        // spend the credit GCRA piled up meanwhile.
-        let idle = self
-            .recent
-            .back()
-            .is_some_and(|&last| now > later(last, self.interval + CATCH_UP));
+        // After a spell with nothing to send, start a fresh grid rather than spend the credit
+        // GCRA piled up meanwhile (rule 2's doc).
+        let idle = !self.refused
+            && self
+                .recent
+                .back()
+                .is_some_and(|&last| now > later(last, self.interval));
         if idle {
             self.restart(1);
         }
@@ -117,15 +135,38 @@ impl<C: Clock + Clone> Pacer<C> {
             self.recent.pop_front();
         }
         self.recent.push_back(now);
+        self.hold = None;
         Ok(())
     }
 
-    /// Runs at `rate` from now on, the next grant one new interval from now (or later, by
-    /// rules 2 and 3). Used after a 429 (slow down, and wait before trying again) and while
-    /// recovering from one; a fresh GCRA would hold a full burst of credit, so it is used up.
-    pub(super) fn set_rate(&mut self, rate: f64) {
+    /// Runs at a lower `rate` (or the same) from now on, the next grant one new interval from
+    /// now: after a 429, wait before trying again.
+    pub(super) fn slow_down(&mut self, rate: f64, now: C::Instant) {
         self.interval = interval(rate);
         self.restart(0);
+        self.hold_until(later(now, self.interval));
+    }
+
+    /// Runs at a higher `rate` from now on, keeping the schedule: the next grant one new
+    /// interval after the last one (or now, if that has passed). Recovery after a 429 raises
+    /// the rate when Zoom's answers arrive, some time after their grants; counting from the
+    /// answer instead would push the schedule back by that delay at every step.
+    pub(super) fn speed_up(&mut self, rate: f64) {
+        self.interval = interval(rate);
+        self.restart(1);
+        if let Some(last) = self.recent.back().copied() {
+            self.hold_until(later(last, self.interval));
+        }
+    }
+
+    fn hold_until(&mut self, at: C::Instant) {
+        self.hold = Some(self.hold.map_or(at, |old| old.max(at)));
+    }
+
+    /// How long after the last grant this pacer's state still matters (rule 3's window and
+    /// the grid): it must not be released earlier.
+    pub(super) fn memory(&self) -> Duration {
+        WINDOW + self.interval + CATCH_UP
     }
 
     /// A fresh GCRA at the current interval with `cells` (0 or 1) left to grant now.

@@ -190,6 +190,12 @@ impl ZoomClient {
         self.inner.tokens.ready()
     }
 
+    /// Whether a token request is due now: there is no token and no backoff is running, or the
+    /// token is to be refreshed ahead of its expiry.
+    pub fn token_wanted(&self) -> bool {
+        self.inner.tokens.wanted()
+    }
+
     /// Gets a token into the cache (one request at most, shared with concurrent callers), or
     /// says why there is none.
     pub async fn fetch_token(&self) -> Result<(), String> {

@@ -183,6 +183,12 @@ impl TokenCache {
         }
     }
 
+    /// Whether a token request is due: no token and no backoff running, or a refresh ahead of
+    /// expiry. (During a backoff the answer is no: the request would fail at once.)
+    pub fn wanted(&self) -> bool {
+        matches!(self.decide(), Decision::Refresh { .. })
+    }
+
     /// Drops the token of `generation` after Zoom refused it, unless it was already replaced.
     pub fn invalidate(&self, generation: u64) {
         let mut state = self.lock();

@@ -54,6 +54,98 @@ fn a_lone_429_costs_well_under_a_second_of_capacity() {
     assert_eq!(harness.rate("pro"), rate);
 }
 
+/// Drains `account` for `span` like Zoom with a response time: each grant's success is
+/// reported `latency` later, as the dispatcher does when the answer arrives.
+fn drain_with_latency(
+    harness: &mut Harness,
+    account: &str,
+    span: Duration,
+    latency: Duration,
+) -> Vec<Duration> {
+    let end = harness.elapsed() + span;
+    let mut grants = Vec::new();
+    let mut answers: std::collections::VecDeque<Duration> = Default::default();
+    while harness.elapsed() < end {
+        while answers.front().is_some_and(|due| *due <= harness.elapsed()) {
+            answers.pop_front();
+            harness.limiters.on_success(account);
+        }
+        match harness.try_acquire(account) {
+            Ok(()) => {
+                grants.push(harness.elapsed());
+                answers.push_back(harness.elapsed() + latency);
+            }
+            Err(wait) => {
+                let next_answer = answers.front().map(|due| *due - harness.elapsed());
+                let step = next_answer.map_or(wait, |answer| answer.min(wait));
+                harness.advance(
+                    step.max(Duration::from_micros(1))
+                        .min(end - harness.elapsed()),
+                );
+            }
+        }
+    }
+    grants
+}
+
+#[test]
+fn recovery_keeps_its_schedule_when_answers_come_late() {
+    // Zoom answers after 150-300 ms: recovery raises the rate when the answers arrive, long
+    // after their grants; the schedule must not slip by that delay at every step.
+    for (account, latency_ms) in [("pro", 150), ("pro", 300), ("free", 300), ("r=5", 150)] {
+        let latency = Duration::from_millis(latency_ms);
+        let rate = policy(account).rate;
+        let span = Duration::from_secs(30);
+        let mut undisturbed = Harness::new(utc(MIDNIGHT));
+        let baseline = drain_with_latency(&mut undisturbed, account, span, latency).len();
+        let mut harness = Harness::new(utc(MIDNIGHT));
+        let mut grants = drain_with_latency(&mut harness, account, SECOND * 3, latency);
+        harness.rate_limited(account, LimitKind::Qps, None);
+        grants.extend(drain_with_latency(
+            &mut harness,
+            account,
+            span - SECOND * 3,
+            latency,
+        ));
+        let lost = (baseline as f64 - grants.len() as f64) / rate;
+        assert!(
+            lost < 0.8,
+            "{account} at {latency_ms} ms: lost {lost} s of capacity"
+        );
+    }
+}
+
+#[test]
+fn in_flight_429s_from_before_the_decrease_do_not_hold_the_account() {
+    // Six requests in flight when the first 429 comes back: the others were sent before the
+    // decrease and answer nothing new.
+    let mut harness = Harness::new(utc(MIDNIGHT));
+    let mut sent = Vec::new();
+    while sent.len() < 6 {
+        match harness.grant("pro") {
+            Ok(at) => sent.push(at),
+            Err(wait) => harness.advance(wait),
+        }
+    }
+    harness.advance(Duration::from_millis(30));
+    harness.rate_limited_for("pro", sent[0]);
+    let lowered = harness.rate("pro");
+    for at in &sent[1..] {
+        harness.advance(Duration::from_millis(20));
+        harness.rate_limited_for("pro", *at);
+    }
+    assert_eq!(harness.rate("pro"), lowered);
+    // No hold: 100 ms after the decrease, more than one new interval, the next request goes.
+    assert!(interval(lowered) < Duration::from_millis(100));
+    let after = harness.grant("pro").unwrap();
+    // A request sent after the decrease and still refused within the second: the window is
+    // full even at the lower rate, so the account waits until a second after the decrease.
+    harness.rate_limited_for("pro", after);
+    assert_eq!(harness.rate("pro"), lowered);
+    let held = harness.try_acquire("pro").unwrap_err();
+    assert!(held > Duration::from_millis(800), "{held:?}");
+}
+
 #[test]
 fn a_steady_competitor_is_probed_slowly() {
     // After a 429 at 12.1/s the rate comes back to just below it and stays there for HOLD.

@@ -152,7 +152,7 @@ fn idle_accounts_are_released_unless_still_limited() {
 fn reduced_rate_outlives_idle_release_until_recovered() {
     let clock = FakeRelativeClock::default();
     let mut limiters = Limiters::new(clock.clone(), policy, Duration::from_secs(1));
-    limiters.on_rate_limited("pro", LimitKind::Qps, None, utc(MIDNIGHT));
+    limiters.on_rate_limited("pro", LimitKind::Qps, None, None, utc(MIDNIGHT));
     clock.advance(Duration::from_secs(5));
     limiters.release_idle();
     assert_eq!(limiters.rate_of("pro"), Some(policy("pro").rate * 0.8));

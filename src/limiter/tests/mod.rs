@@ -14,6 +14,7 @@ mod pacing;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use governor::clock::{Clock, FakeRelativeClock};
+use governor::nanos::Nanos;
 
 use super::{AccountPolicy, LimitKind, Limiters};
 use crate::plan::Plan;
@@ -79,14 +80,27 @@ impl Harness {
     }
 
     fn try_acquire(&mut self, account: &str) -> Result<(), Duration> {
+        self.grant(account).map(|_| ())
+    }
+
+    /// Like [`Harness::try_acquire`], with the grant's instant.
+    fn grant(&mut self, account: &str) -> Result<Nanos, Duration> {
         let now_utc = self.now_utc();
         self.limiters.try_acquire(account, now_utc)
     }
 
+    /// A 429 for a request whose grant instant is not known.
     fn rate_limited(&mut self, account: &str, kind: LimitKind, retry_after: Option<SystemTime>) {
         let now_utc = self.now_utc();
         self.limiters
-            .on_rate_limited(account, kind, retry_after, now_utc);
+            .on_rate_limited(account, kind, retry_after, None, now_utc);
+    }
+
+    /// A QPS 429 for the request granted at `sent_at`.
+    fn rate_limited_for(&mut self, account: &str, sent_at: Nanos) {
+        let now_utc = self.now_utc();
+        self.limiters
+            .on_rate_limited(account, LimitKind::Qps, None, Some(sent_at), now_utc);
     }
 
     fn rate(&self, account: &str) -> f64 {

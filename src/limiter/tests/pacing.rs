@@ -101,6 +101,25 @@ fn a_stalled_runtime_never_bursts() {
 }
 
 #[test]
+fn a_pause_with_nothing_to_send_is_not_caught_up() {
+    // The account runs dry for 95 ms (less than the catch-up GCRA allows), then has work
+    // again: it starts a fresh grid instead of spending the credit at double rate.
+    let mut harness = Harness::new(utc(MIDNIGHT));
+    harness.drain("business", SECOND);
+    // The last request of the busy spell goes out; then there is nothing to send.
+    while let Err(wait) = harness.try_acquire("business") {
+        harness.advance(wait);
+    }
+    harness.advance(Duration::from_millis(95));
+    let grants = harness.drain("business", SECOND);
+    let spacing = interval(policy("business").rate);
+    assert!(
+        grants.windows(2).all(|pair| pair[1] - pair[0] >= spacing),
+        "{grants:?}"
+    );
+}
+
+#[test]
 fn every_wake_up_very_late_still_keeps_the_rule() {
     // Wake-ups up to five intervals late: the pacer cannot catch everything up, but what it
     // does catch up never breaks the rule.
