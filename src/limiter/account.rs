@@ -194,27 +194,26 @@ impl<C: Clock + Clone> Account<C> {
         let repeated = self
             .last_decrease
             .filter(|at| Duration::from(now.duration_since(*at)) < REPEAT_GUARD);
-        match repeated {
-            // Sent after the decrease and still refused: the window is full even at the lower
-            // rate, so wait until it has passed.
-            Some(first) => {
-                let until = later(first, REPEAT_GUARD);
-                self.hold_until = Some(self.hold_until.map_or(until, |old| old.max(until)));
-                self.pacer.slow_down(self.rate, now);
-            }
-            None => {
-                self.last_decrease = Some(now);
-                let recovery = Recovery::after_429(self.policy.rate, self.rate);
-                tracing::debug!(
-                    from = self.rate,
-                    to = recovery.base,
-                    "429: lowering account rate"
-                );
-                self.recovery = Some((recovery, later(now, pause)));
-                self.rate = recovery.base;
-                self.pacer.slow_down(recovery.base, now);
-            }
+        // Sent after the decrease and still refused: even the lower rate is too high, and the
+        // window is full, so lower it again and wait until the window has passed. (Counting on
+        // the next decrease instead would take one round trip per 2%.)
+        let hold = repeated.map(|first| later(first, REPEAT_GUARD));
+        if let Some(until) = hold {
+            self.hold_until = Some(self.hold_until.map_or(until, |old| old.max(until)));
         }
+        self.last_decrease = Some(now);
+        let recovery = Recovery::after_429(self.policy.rate, self.rate);
+        tracing::debug!(
+            from = self.rate,
+            to = recovery.base,
+            repeated = hold.is_some(),
+            "429: lowering account rate"
+        );
+        // The way back starts when sending does again.
+        let resume = hold.map_or(later(now, pause), |until| until.max(later(now, pause)));
+        self.recovery = Some((recovery, resume));
+        self.rate = recovery.base;
+        self.pacer.slow_down(recovery.base, now);
     }
 
     /// When this state may be dropped: after `idle` without calls, but never while paused,

@@ -8,10 +8,10 @@
 //! - another app that steadily uses part of the quota: going back above what it leaves us
 //!   brings the 429s straight back.
 //!
-//! So the rate drops to `DECREASE` of what it was (the `ceiling`), climbs back within
-//! [`FAST_RETURN`] to just below the ceiling (`PLATEAU` of it), stays there for [`HOLD`], and
-//! only then probes slowly upward ([`PROBE`] of the policy rate per second) until the policy
-//! rate or the next 429, which sets a new ceiling. An isolated 429 at the full rate costs about
+//! So the rate drops to `DECREASE` of the rate at which Zoom stopped accepting (the
+//! `ceiling`), climbs back within [`FAST_RETURN`] to just below it (`PLATEAU` of it), stays
+//! there for [`HOLD`], and only then probes upward, slowly at first ([`PROBE`]), until the
+//! policy rate or the next 429, which sets a new ceiling. An isolated 429 at the full rate costs about
 //! a third of a second of capacity (0.1 s in the dip, 0.2 s on the plateau, a little while
 //! probing) and the account is above 95% of its rate within a second. A steady
 //! competitor costs one or two 429s per cycle of about 13 s while the rate stays within 2% of
@@ -30,8 +30,11 @@ pub(super) const FAST_RETURN: Duration = Duration::from_secs(1);
 pub(super) const PLATEAU: f64 = 0.98;
 /// How long the rate stays on the plateau before probing above it.
 pub(super) const HOLD: Duration = Duration::from_secs(10);
-/// Probing speed above the plateau, as a share of the policy rate per second.
+/// Probing speed above the plateau, as a share of the policy rate per second, growing with
+/// the cube of the time spent probing (`PROBE_CUBE` per s³), so that a plateau far below what
+/// Zoom would accept is left within seconds while one just below it is approached slowly.
 pub(super) const PROBE: f64 = 0.005;
+pub(super) const PROBE_CUBE: f64 = 0.002;
 /// The rate never drops below `max(ABSOLUTE_FLOOR, policy * POLICY_FLOOR)` (nor above the
 /// policy).
 const ABSOLUTE_FLOOR: f64 = 0.2;
@@ -70,7 +73,7 @@ impl Recovery {
             self.base + (plateau - self.base) * t / fast
         } else {
             let probing = (t - fast - HOLD.as_secs_f64()).max(0.0);
-            plateau + self.policy * PROBE * probing
+            plateau + self.policy * probed(probing)
         };
         rate.min(self.policy)
     }
@@ -78,9 +81,24 @@ impl Recovery {
     /// How long after the 429 the rate is back at the policy rate.
     pub(super) fn duration(&self) -> Duration {
         let plateau = (self.ceiling * PLATEAU).max(self.base);
-        let probe = ((self.policy - plateau) / (self.policy * PROBE)).max(0.0);
-        FAST_RETURN + HOLD + Duration::from_secs_f64(probe.min(1e6))
+        let gap = ((self.policy - plateau) / self.policy).max(0.0);
+        // `probed` is increasing: bisect for the time it covers `gap` (at most 1 + gap / PROBE).
+        let (mut low, mut high) = (0.0, gap / PROBE + 1.0);
+        for _ in 0..64 {
+            let mid = (low + high) / 2.0;
+            if probed(mid) >= gap {
+                high = mid;
+            } else {
+                low = mid;
+            }
+        }
+        FAST_RETURN + HOLD + Duration::from_secs_f64(high.min(1e6))
     }
+}
+
+/// How far probing has raised the rate after `seconds`, as a share of the policy rate.
+fn probed(seconds: f64) -> f64 {
+    PROBE * seconds + PROBE_CUBE * seconds.powi(3)
 }
 
 #[cfg(test)]
@@ -121,9 +139,16 @@ mod tests {
         assert!((recovery.rate_at(FAST_RETURN) - plateau).abs() < 1e-9);
         assert!((recovery.rate_at(FAST_RETURN + HOLD) - plateau).abs() < 1e-9);
         assert!(recovery.rate_at(FAST_RETURN + HOLD / 2) < 12.0);
-        // One second of probing adds PROBE of the policy rate.
+        // One second of probing adds PROBE and PROBE_CUBE of the policy rate.
         let probed = recovery.rate_at(FAST_RETURN + HOLD + secs(1.0));
-        assert!((probed - plateau - 19.9 * PROBE).abs() < 1e-6);
+        assert!((probed - plateau - 19.9 * (PROBE + PROBE_CUBE)).abs() < 1e-6);
+        // A plateau far too low is left within seconds: from 6/s to 19.9/s in under 8 s.
+        let low = Recovery::after_429(19.9, 6.0);
+        assert!(
+            low.duration() < FAST_RETURN + HOLD + secs(8.0),
+            "{:?}",
+            low.duration()
+        );
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //!    out instead of leaving in one burst. And only lateness is caught up: GCRA also hands out
 //!    credit after a spell with nothing to send, so a grant that was not preceded by a refusal
 //!    (the caller had no work) and comes more than an interval after the last one starts a
-//!    fresh grid instead.
+//!    fresh grid instead. A fresh grid starts [`START_GUARD`] after the spell's first grant,
+//!    in case that first request reaches Zoom late.
 //! 3. **Window cap**: at most `ceil(limit)` grants in any window of [`WINDOW`] (one second plus
 //!    [`WINDOW_GUARD`]), checked against a log of the last grants. This is Zoom's own rule with a
 //!    guard for arrival jitter, and it holds for windows of any phase, so for fixed and sliding
@@ -42,6 +43,11 @@ use governor::{Quota, RateLimiter};
 /// How far behind its grid the pacer may fall and still catch up (rule 1). Longer stalls are
 /// not made up: after them the grid restarts, which costs capacity but never adds a burst.
 pub(super) const CATCH_UP: Duration = Duration::from_millis(100);
+/// The first request of a busy spell often reaches Zoom later than the others (it may wait for
+/// a connection to open), which would crowd the spell's first second at Zoom's end. So the
+/// spell's grid starts this much after the first grant's: its second grant comes one interval
+/// plus this after the first, and the rest follow evenly from there.
+pub(super) const START_GUARD: Duration = Duration::from_millis(50);
 /// Rule 3's margin over one second: the least slack any `limit + 1` grants keep for jitter
 /// between our send times and Zoom's arrival times.
 pub(super) const WINDOW_GUARD: Duration = Duration::from_millis(2);
@@ -68,6 +74,9 @@ pub(super) struct Pacer<C: Clock> {
     /// No grant before this instant: after a rate change (see [`Pacer::slow_down`] and
     /// [`Pacer::speed_up`]). Cleared by the next grant.
     hold: Option<C::Instant>,
+    /// Set by the first grant of a busy spell: when `hold` expires, the grid starts afresh
+    /// (see [`START_GUARD`]).
+    regrid_after_hold: bool,
     /// Whether the caller was refused since the last grant: then a late grant is lateness to
     /// catch up; otherwise the caller had nothing to send, and there is nothing to catch up.
     refused: bool,
@@ -86,6 +95,7 @@ impl<C: Clock + Clone> Pacer<C> {
             gcra: gcra(interval, clock),
             recent: VecDeque::with_capacity(window_count.min(64)),
             hold: None,
+            regrid_after_hold: false,
             refused: false,
         };
         pacer.restart(1);
@@ -125,7 +135,8 @@ impl<C: Clock + Clone> Pacer<C> {
                 .recent
                 .back()
                 .is_some_and(|&last| now > later(last, self.interval));
-        if idle {
+        let spell_starts = idle || self.recent.is_empty();
+        if idle || std::mem::take(&mut self.regrid_after_hold) {
             self.restart(1);
         }
         if let Err(not_until) = self.gcra.check() {
@@ -136,6 +147,10 @@ impl<C: Clock + Clone> Pacer<C> {
         }
         self.recent.push_back(now);
         self.hold = None;
+        if spell_starts {
+            self.hold = Some(later(now, self.interval + START_GUARD));
+            self.regrid_after_hold = true;
+        }
         Ok(())
     }
 

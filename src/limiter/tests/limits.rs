@@ -156,8 +156,11 @@ fn reduced_rate_outlives_idle_release_until_recovered() {
     clock.advance(Duration::from_secs(5));
     limiters.release_idle();
     assert_eq!(limiters.rate_of("pro"), Some(policy("pro").rate * 0.8));
-    // Recovery after a 429 at the full rate: 1 s back to the plateau, 10 s on it, 4 s probing.
-    clock.advance(Duration::from_secs(9));
+    // Recovery after a 429 at the full rate: 1 s back to the plateau, 10 s on it, then probing.
+    let rate = policy("pro").rate;
+    let recovered = crate::limiter::adapt::Recovery::after_429(rate, rate).duration();
+    assert!(recovered > Duration::from_secs(11) && recovered < Duration::from_secs(16));
+    clock.advance(recovered - Duration::from_secs(6));
     limiters.release_idle();
     assert!(limiters.rate_of("pro").is_some());
     clock.advance(Duration::from_secs(2));

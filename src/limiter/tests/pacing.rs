@@ -10,7 +10,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::*;
-use crate::limiter::pacer::{interval, WINDOW};
+use crate::limiter::pacer::{interval, START_GUARD, WINDOW};
 
 /// Every plan, and a `rate` override, with Zoom's limit.
 const ACCOUNTS: [(&str, usize); 4] = [("free", 2), ("pro", 20), ("business", 60), ("r=37", 37)];
@@ -117,6 +117,12 @@ fn a_pause_with_nothing_to_send_is_not_caught_up() {
         grants.windows(2).all(|pair| pair[1] - pair[0] >= spacing),
         "{grants:?}"
     );
+    // The spell's grid starts START_GUARD after its first grant, in case that first request
+    // reaches Zoom late; after that, one interval apart exactly.
+    assert_eq!(grants[1] - grants[0], spacing + START_GUARD);
+    assert!(grants[1..]
+        .windows(2)
+        .all(|pair| pair[1] - pair[0] == spacing));
 }
 
 #[test]
