@@ -15,13 +15,13 @@
 //!    out instead of leaving in one burst. And only lateness is caught up: GCRA also hands out
 //!    credit after a spell with nothing to send, so a grant that was not preceded by a refusal
 //!    (the caller had no work) and comes more than an interval after the last one starts a
-//!    fresh grid instead. A fresh grid starts [`START_GUARD`] after the spell's first grant,
-//!    in case that first request reaches Zoom late.
+//!    fresh grid instead.
 //! 3. **Window cap**: at most `ceil(limit)` grants in any window of [`WINDOW`] (one second plus
 //!    [`WINDOW_GUARD`]), checked against a log of the last grants. This is Zoom's own rule with a
 //!    guard for arrival jitter, and it holds for windows of any phase, so for fixed and sliding
 //!    windows alike. GCRA cannot express it: a GCRA that allows any catch-up at all lets up to
 //!    `2k - 1` grants into one window; only a log of send times bounds the count in every window.
+//!    A busy spell's first grant counts [`START_GUARD`] later, in case it reaches Zoom late.
 //!
 //! In steady state only rule 1 binds, and the grid's spacing (the rate, `limit` times
 //! `delivery.rate_margin`) keeps `limit + 1` consecutive grants 1/margin seconds apart: 5 ms of
@@ -44,9 +44,11 @@ use governor::{Quota, RateLimiter};
 /// not made up: after them the grid restarts, which costs capacity but never adds a burst.
 pub(super) const CATCH_UP: Duration = Duration::from_millis(100);
 /// The first request of a busy spell often reaches Zoom later than the others (it may wait for
-/// a connection to open), which would crowd the spell's first second at Zoom's end. So the
-/// spell's grid starts this much after the first grant's: its second grant comes one interval
-/// plus this after the first, and the rest follow evenly from there.
+/// a connection to open), which would crowd the spell's first second at Zoom's end. So rule 3
+/// counts a spell's first grant as if it had come this much later; where that delays the
+/// grant that completes the spell's first window, the grid restarts there (instead of catching
+/// up, which the following windows would echo). Spells shorter than `limit + 1` requests in
+/// their first second, and sparse traffic, never notice.
 pub(super) const START_GUARD: Duration = Duration::from_millis(50);
 /// Rule 3's margin over one second: the least slack any `limit + 1` grants keep for jitter
 /// between our send times and Zoom's arrival times.
@@ -74,9 +76,10 @@ pub(super) struct Pacer<C: Clock> {
     /// No grant before this instant: after a rate change (see [`Pacer::slow_down`] and
     /// [`Pacer::speed_up`]). Cleared by the next grant.
     hold: Option<C::Instant>,
-    /// Set by the first grant of a busy spell: when `hold` expires, the grid starts afresh
-    /// (see [`START_GUARD`]).
-    regrid_after_hold: bool,
+    /// Grants since the current busy spell began, counted up to `window_count + 1`.
+    spell_grants: usize,
+    /// Set when [`START_GUARD`] holds a grant back: the grid restarts at that grant.
+    regrid: bool,
     /// Whether the caller was refused since the last grant: then a late grant is lateness to
     /// catch up; otherwise the caller had nothing to send, and there is nothing to catch up.
     refused: bool,
@@ -95,7 +98,8 @@ impl<C: Clock + Clone> Pacer<C> {
             gcra: gcra(interval, clock),
             recent: VecDeque::with_capacity(window_count.min(64)),
             hold: None,
-            regrid_after_hold: false,
+            spell_grants: 0,
+            regrid: false,
             refused: false,
         };
         pacer.restart(1);
@@ -120,7 +124,15 @@ impl<C: Clock + Clone> Pacer<C> {
         }
         if self.recent.len() >= self.window_count {
             let oldest = self.recent[self.recent.len() - self.window_count];
-            let window_opens = later(oldest, WINDOW);
+            let mut window_opens = later(oldest, WINDOW);
+            if self.spell_grants == self.window_count {
+                // `oldest` is the spell's first grant.
+                let guarded = later(window_opens, START_GUARD);
+                if guarded > now {
+                    self.regrid = true;
+                }
+                window_opens = guarded;
+            }
             not_before = Some(not_before.map_or(window_opens, |at| at.max(window_opens)));
         }
         if let Some(at) = not_before {
@@ -135,8 +147,10 @@ impl<C: Clock + Clone> Pacer<C> {
                 .recent
                 .back()
                 .is_some_and(|&last| now > later(last, self.interval));
-        let spell_starts = idle || self.recent.is_empty();
-        if idle || std::mem::take(&mut self.regrid_after_hold) {
+        if idle || self.recent.is_empty() {
+            self.spell_grants = 0;
+        }
+        if idle {
             self.restart(1);
         }
         if let Err(not_until) = self.gcra.check() {
@@ -146,10 +160,11 @@ impl<C: Clock + Clone> Pacer<C> {
             self.recent.pop_front();
         }
         self.recent.push_back(now);
+        self.spell_grants = (self.spell_grants + 1).min(self.window_count + 1);
         self.hold = None;
-        if spell_starts {
-            self.hold = Some(later(now, self.interval + START_GUARD));
-            self.regrid_after_hold = true;
+        if std::mem::take(&mut self.regrid) {
+            // The grid restarts at this grant: the next one interval from now.
+            self.restart(0);
         }
         Ok(())
     }
