@@ -42,6 +42,8 @@ pub(super) struct Account<C: Clock> {
     /// recovery curve counts (after any pause).
     recovery: Option<(Recovery, C::Instant)>,
     last_decrease: Option<C::Instant>,
+    /// 429s for requests sent after `last_decrease`, within [`REPEAT_GUARD`] of it.
+    repeats: u32,
     /// No grant before this instant: set by a repeated 429 (see [`REPEAT_GUARD`]).
     hold_until: Option<C::Instant>,
     /// Wall-clock end of a Retry-After or daily-429 pause; `pause_ends` mirrors it.
@@ -70,6 +72,7 @@ impl<C: Clock + Clone> Account<C> {
             policy,
             recovery: None,
             last_decrease: None,
+            repeats: 0,
             hold_until: None,
             paused_until: None,
             pause_ends: None,
@@ -194,26 +197,39 @@ impl<C: Clock + Clone> Account<C> {
         let repeated = self
             .last_decrease
             .filter(|at| Duration::from(now.duration_since(*at)) < REPEAT_GUARD);
-        // Sent after the decrease and still refused: even the lower rate is too high, and the
-        // window is full, so lower it again and wait until the window has passed. (Counting on
-        // the next decrease instead would take one round trip per 2%.)
-        let hold = repeated.map(|first| later(first, REPEAT_GUARD));
-        if let Some(until) = hold {
-            self.hold_until = Some(self.hold_until.map_or(until, |old| old.max(until)));
+        match repeated {
+            // Sent after the decrease and still refused: Zoom's window is still full. Wait,
+            // twice as long each time, but never past a second after the decrease, when any
+            // window, fixed or sliding, has passed; the rate stays, since a full window says
+            // nothing new about it. (Waiting the whole second at once would throw away the
+            // start of the next fixed window.)
+            Some(first) => {
+                self.repeats = (self.repeats + 1).min(16);
+                let backoff = self.pacer.interval() * (1u32 << self.repeats);
+                let until = later(now, backoff).min(later(first, REPEAT_GUARD));
+                self.hold_until = Some(self.hold_until.map_or(until, |old| old.max(until)));
+                self.pacer.slow_down(self.rate, now);
+                // The way back starts when sending does again.
+                if let Some((_, from)) = &mut self.recovery {
+                    *from = (*from).max(until);
+                }
+            }
+            None => {
+                self.last_decrease = Some(now);
+                self.repeats = 0;
+                let previous = self.recovery.map(|(recovery, _)| recovery.ceiling);
+                let recovery = Recovery::after_429(self.policy.rate, self.rate, previous);
+                tracing::debug!(
+                    from = self.rate,
+                    to = recovery.base,
+                    ceiling = recovery.ceiling,
+                    "429: lowering account rate"
+                );
+                self.recovery = Some((recovery, later(now, pause)));
+                self.rate = recovery.base;
+                self.pacer.slow_down(recovery.base, now);
+            }
         }
-        self.last_decrease = Some(now);
-        let recovery = Recovery::after_429(self.policy.rate, self.rate);
-        tracing::debug!(
-            from = self.rate,
-            to = recovery.base,
-            repeated = hold.is_some(),
-            "429: lowering account rate"
-        );
-        // The way back starts when sending does again.
-        let resume = hold.map_or(later(now, pause), |until| until.max(later(now, pause)));
-        self.recovery = Some((recovery, resume));
-        self.rate = recovery.base;
-        self.pacer.slow_down(recovery.base, now);
     }
 
     /// When this state may be dropped: after `idle` without calls, but never while paused,

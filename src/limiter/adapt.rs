@@ -11,14 +11,16 @@
 //! So the rate drops to `DECREASE` of the rate at which Zoom stopped accepting (the
 //! `ceiling`), climbs back within [`FAST_RETURN`] to just below it (`PLATEAU` of it), stays
 //! there for [`HOLD`], and only then probes upward, slowly at first ([`PROBE`]), until the
-//! policy rate or the next 429, which sets a new ceiling. An isolated 429 at the full rate costs about
-//! a third of a second of capacity (0.1 s in the dip, 0.2 s on the plateau, a little while
-//! probing) and the account is above 95% of its rate within a second. A steady
-//! competitor costs one or two 429s per cycle of about 13 s while the rate stays within 2% of
-//! the share that is left (measured: benches/drain.rs `lone429` and `shared`).
+//! policy rate or the next 429, which sets a new ceiling (lower than where it came when it
+//! came below the previous ceiling, then probed after [`GUESSED_HOLD`]).
+//!
+//! An isolated 429 at the full rate costs about a third of a second of capacity (0.1 s in the
+//! dip, 0.2 s on the plateau, a little while probing) and the account is above 95% of its
+//! rate within a second. A steady competitor costs about one 429 per cycle once the share is
+//! found (measured: benches/drain `lone429` and `shared`, figures in BENCHMARKS.md).
 //!
 //! The idea is TCP CUBIC's (a fast return to the last rate that worked, slow probing beyond
-//! it), with straight lines instead of a cubic.
+//! it, fast convergence when the share shrinks), with straight lines for the first two.
 
 use std::time::Duration;
 
@@ -30,6 +32,9 @@ pub(super) const FAST_RETURN: Duration = Duration::from_secs(1);
 pub(super) const PLATEAU: f64 = 0.98;
 /// How long the rate stays on the plateau before probing above it.
 pub(super) const HOLD: Duration = Duration::from_secs(10);
+/// The same after a ceiling that fast convergence guessed rather than a 429 measured: probe
+/// soon, to find where Zoom really stops accepting.
+pub(super) const GUESSED_HOLD: Duration = Duration::from_secs(2);
 /// Probing speed above the plateau, as a share of the policy rate per second, growing with
 /// the cube of the time spent probing (`PROBE_CUBE` per s³), so that a plateau far below what
 /// Zoom would accept is left within seconds while one just below it is approached slowly.
@@ -50,17 +55,28 @@ pub(super) struct Recovery {
     pub ceiling: f64,
     /// The rate right after it.
     pub base: f64,
+    /// How long the rate stays on the plateau: [`HOLD`] or [`GUESSED_HOLD`].
+    pub hold: Duration,
 }
 
 impl Recovery {
-    /// The recovery after a 429 that came while running at `rate`.
-    pub(super) fn after_429(policy: f64, rate: f64) -> Recovery {
+    /// The recovery after a 429 that came while running at `rate`, `previous` being the
+    /// ceiling of the recovery it interrupts, if any. A 429 below that ceiling means the share
+    /// left to us shrank (or was overestimated): the new ceiling is set lower still, halfway
+    /// between this rate and its decrease (TCP CUBIC's "fast convergence"), so a share far
+    /// below the first ceiling is found in a few 429s rather than 2% per 429.
+    pub(super) fn after_429(policy: f64, rate: f64, previous: Option<f64>) -> Recovery {
         let floor = (policy * POLICY_FLOOR).max(ABSOLUTE_FLOOR).min(policy);
-        let ceiling = rate.clamp(floor, policy);
+        let rate = rate.clamp(floor, policy);
+        let (ceiling, hold) = match previous {
+            Some(previous) if rate < previous => (rate * (1.0 + DECREASE) / 2.0, GUESSED_HOLD),
+            _ => (rate, HOLD),
+        };
         Recovery {
             policy,
-            ceiling,
-            base: (ceiling * DECREASE).max(floor).min(ceiling),
+            ceiling: ceiling.max(floor),
+            base: (rate * DECREASE).max(floor).min(ceiling.max(floor)),
+            hold,
         }
     }
 
@@ -72,7 +88,7 @@ impl Recovery {
         let rate = if t < fast {
             self.base + (plateau - self.base) * t / fast
         } else {
-            let probing = (t - fast - HOLD.as_secs_f64()).max(0.0);
+            let probing = (t - fast - self.hold.as_secs_f64()).max(0.0);
             plateau + self.policy * probed(probing)
         };
         rate.min(self.policy)
@@ -92,7 +108,7 @@ impl Recovery {
                 low = mid;
             }
         }
-        FAST_RETURN + HOLD + Duration::from_secs_f64(high.min(1e6))
+        FAST_RETURN + self.hold + Duration::from_secs_f64(high.min(1e6))
     }
 }
 
@@ -121,7 +137,7 @@ mod tests {
 
     #[test]
     fn an_isolated_429_costs_under_half_a_second() {
-        let recovery = Recovery::after_429(19.9, 19.9);
+        let recovery = Recovery::after_429(19.9, 19.9, None);
         assert!((recovery.rate_at(Duration::ZERO) - 19.9 * DECREASE).abs() < 1e-9);
         assert!(recovery.rate_at(secs(0.5)) >= 0.89 * 19.9);
         assert!(recovery.rate_at(secs(1.0)) >= 0.95 * 19.9);
@@ -134,7 +150,7 @@ mod tests {
     #[test]
     fn holds_just_below_a_lower_ceiling_then_probes_slowly() {
         // Another app leaves 12 of 20: the 429 came at 12.1.
-        let recovery = Recovery::after_429(19.9, 12.1);
+        let recovery = Recovery::after_429(19.9, 12.1, None);
         let plateau = 12.1 * PLATEAU;
         assert!((recovery.rate_at(FAST_RETURN) - plateau).abs() < 1e-9);
         assert!((recovery.rate_at(FAST_RETURN + HOLD) - plateau).abs() < 1e-9);
@@ -143,7 +159,7 @@ mod tests {
         let probed = recovery.rate_at(FAST_RETURN + HOLD + secs(1.0));
         assert!((probed - plateau - 19.9 * (PROBE + PROBE_CUBE)).abs() < 1e-6);
         // A plateau far too low is left within seconds: from 6/s to 19.9/s in under 8 s.
-        let low = Recovery::after_429(19.9, 6.0);
+        let low = Recovery::after_429(19.9, 6.0, None);
         assert!(
             low.duration() < FAST_RETURN + HOLD + secs(8.0),
             "{:?}",
@@ -152,9 +168,24 @@ mod tests {
     }
 
     #[test]
+    fn a_429_below_the_last_ceiling_lowers_the_next_one_further() {
+        // Another app leaves 12 of 20: the first 429 came at 19.9, the next at 16 on the way
+        // back; the ceiling drops to 14.4, not 16, and then, below it, further.
+        let first = Recovery::after_429(19.9, 19.9, None);
+        let second = Recovery::after_429(19.9, 16.0, Some(first.ceiling));
+        assert!((second.ceiling - 16.0 * 0.9).abs() < 1e-9);
+        assert!((second.base - 16.0 * DECREASE).abs() < 1e-9);
+        let third = Recovery::after_429(19.9, 13.0, Some(second.ceiling));
+        assert!(third.ceiling * PLATEAU < 12.0, "{third:?}");
+        // At or above the last ceiling (probing past it), the ceiling is where the 429 came.
+        let probing = Recovery::after_429(19.9, 12.1, Some(12.0));
+        assert_eq!(probing.ceiling, 12.1);
+    }
+
+    #[test]
     fn rate_never_leaves_floor_and_policy() {
         for (policy, rate) in [(1.99, 1.99), (0.5, 0.5), (19.9, 0.21), (59.7, 80.0)] {
-            let recovery = Recovery::after_429(policy, rate);
+            let recovery = Recovery::after_429(policy, rate, None);
             let floor = (policy / 20.0).max(0.2).min(policy);
             let mut t = 0.0;
             let mut last = 0.0;

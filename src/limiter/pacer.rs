@@ -189,6 +189,10 @@ impl<C: Clock + Clone> Pacer<C> {
         }
     }
 
+    pub(super) fn interval(&self) -> Duration {
+        self.interval
+    }
+
     fn hold_until(&mut self, at: C::Instant) {
         self.hold = Some(self.hold.map_or(at, |old| old.max(at)));
     }

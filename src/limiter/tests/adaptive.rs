@@ -138,34 +138,37 @@ fn in_flight_429s_from_before_the_decrease_do_not_hold_the_account() {
     // No hold: 100 ms after the decrease, more than one new interval, the next request goes.
     assert!(interval(lowered) < Duration::from_millis(100));
     let after = harness.grant("pro").unwrap();
-    // A request sent after the decrease and still refused within the second: even the lower
-    // rate is too high and the window is full, so the rate drops again and the account waits
-    // until a second after the first decrease.
+    // A request sent after the decrease and still refused within the second: the window is
+    // still full, so the account waits, twice as long each time, at the same rate.
     harness.rate_limited_for("pro", after);
-    assert_eq!(harness.rate("pro"), lowered * DECREASE);
+    assert_eq!(harness.rate("pro"), lowered);
     let held = harness.try_acquire("pro").unwrap_err();
-    assert!(held > Duration::from_millis(800), "{held:?}");
+    assert_eq!(held, interval(lowered) * 2);
+    harness.advance(held);
+    let again = harness.grant("pro").unwrap();
+    harness.rate_limited_for("pro", again);
+    assert_eq!(
+        harness.try_acquire("pro").unwrap_err(),
+        interval(lowered) * 4
+    );
 }
 
 #[test]
-fn a_steady_competitor_is_probed_slowly() {
-    // After a 429 at 12.1/s the rate comes back to just below it and stays there for HOLD.
+fn the_rate_comes_back_to_a_plateau_and_stays_there() {
+    // After a 429 at the full rate, the rate is back just below it within FAST_RETURN and
+    // stays there for HOLD before probing.
     let mut harness = Harness::new(utc(MIDNIGHT));
+    let ceiling = policy("pro").rate;
+    drain_accepted(&mut harness, "pro", SECOND);
     harness.rate_limited("pro", LimitKind::Qps, None);
-    // Walk the rate to about 12.1/s with further 429s, each more than a second apart.
-    while harness.rate("pro") > 12.2 {
-        harness.advance(Duration::from_millis(1_100));
-        harness.rate_limited("pro", LimitKind::Qps, None);
-    }
-    let ceiling = harness.rate("pro") / DECREASE;
     drain_accepted(&mut harness, "pro", FAST_RETURN + HOLD / 2);
     let plateau = harness.rate("pro");
     assert!(
-        (plateau - ceiling * PLATEAU).abs() <= 0.01 * policy("pro").rate,
+        (plateau - ceiling * PLATEAU).abs() <= 0.01 * ceiling,
         "{plateau} vs {ceiling}"
     );
     drain_accepted(&mut harness, "pro", HOLD / 2 - Duration::from_millis(100));
-    assert!(harness.rate("pro") - plateau < 0.01 * policy("pro").rate);
+    assert!(harness.rate("pro") - plateau < 0.01 * ceiling);
 }
 
 #[test]
@@ -175,16 +178,23 @@ fn a_repeated_429_holds_until_the_window_has_passed() {
     drain_accepted(&mut harness, "business", SECOND);
     harness.rate_limited("business", LimitKind::Qps, None);
     harness.advance(Duration::from_millis(300));
-    // A second 429 within a second, for a request sent after the first (or not known to be
-    // older): another decrease, and a hold until one second after the first, when any window
-    // that was full has moved on.
-    harness.rate_limited("business", LimitKind::Qps, None);
-    assert!((harness.rate("business") - rate * DECREASE * DECREASE).abs() < 1e-9);
-    assert_eq!(
-        harness.try_acquire("business"),
-        Err(Duration::from_millis(700))
-    );
-    harness.advance(Duration::from_millis(700));
+    // 429s within a second, for requests sent after the first (or not known to be older): no
+    // second decrease, but holds doubling each time, never past one second after the first,
+    // when any window that was full has moved on.
+    let mut waits = Vec::new();
+    for _ in 0..6 {
+        harness.rate_limited("business", LimitKind::Qps, None);
+        assert_eq!(harness.rate("business"), rate * DECREASE);
+        let wait = harness.try_acquire("business").unwrap_err();
+        waits.push(wait);
+        harness.advance(Duration::from_millis(1));
+    }
+    let spacing = interval(rate * DECREASE);
+    assert_eq!(waits[0], spacing * 2);
+    assert_eq!(waits[1], spacing * 4);
+    // 300 ms + 6 ms after the first 429: the cap, one second after it.
+    assert_eq!(waits[5], Duration::from_millis(1_000 - 305));
+    harness.advance(waits[5]);
     assert!(harness.try_acquire("business").is_ok());
     // Later 429s lower it again, down to the floor max(0.2, policy/20).
     for _ in 0..30 {

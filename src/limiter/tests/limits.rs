@@ -158,7 +158,7 @@ fn reduced_rate_outlives_idle_release_until_recovered() {
     assert_eq!(limiters.rate_of("pro"), Some(policy("pro").rate * 0.8));
     // Recovery after a 429 at the full rate: 1 s back to the plateau, 10 s on it, then probing.
     let rate = policy("pro").rate;
-    let recovered = crate::limiter::adapt::Recovery::after_429(rate, rate).duration();
+    let recovered = crate::limiter::adapt::Recovery::after_429(rate, rate, None).duration();
     assert!(recovered > Duration::from_secs(11) && recovered < Duration::from_secs(16));
     clock.advance(recovered - Duration::from_secs(6));
     limiters.release_idle();
