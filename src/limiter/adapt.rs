@@ -32,6 +32,9 @@ pub(super) const FAST_RETURN: Duration = Duration::from_secs(1);
 pub(super) const PLATEAU: f64 = 0.98;
 /// How long the rate stays on the plateau before probing above it.
 pub(super) const HOLD: Duration = Duration::from_secs(10);
+/// A 429 below this share of the previous ceiling means the share left to us shrank; one just
+/// below it is the noise of probing near the same ceiling.
+const SHRUNK: f64 = 0.95;
 /// The same after a ceiling that fast convergence guessed rather than a 429 measured: probe
 /// soon, to find where Zoom really stops accepting.
 pub(super) const GUESSED_HOLD: Duration = Duration::from_secs(2);
@@ -69,7 +72,9 @@ impl Recovery {
         let floor = (policy * POLICY_FLOOR).max(ABSOLUTE_FLOOR).min(policy);
         let rate = rate.clamp(floor, policy);
         let (ceiling, hold) = match previous {
-            Some(previous) if rate < previous => (rate * (1.0 + DECREASE) / 2.0, GUESSED_HOLD),
+            Some(previous) if rate < previous * SHRUNK => {
+                (rate * (1.0 + DECREASE) / 2.0, GUESSED_HOLD)
+            }
             _ => (rate, HOLD),
         };
         Recovery {
@@ -177,9 +182,12 @@ mod tests {
         assert!((second.base - 16.0 * DECREASE).abs() < 1e-9);
         let third = Recovery::after_429(19.9, 13.0, Some(second.ceiling));
         assert!(third.ceiling * PLATEAU < 12.0, "{third:?}");
-        // At or above the last ceiling (probing past it), the ceiling is where the 429 came.
+        // At, above or just below the last ceiling (probing near it), the ceiling is where the
+        // 429 came.
         let probing = Recovery::after_429(19.9, 12.1, Some(12.0));
         assert_eq!(probing.ceiling, 12.1);
+        let near = Recovery::after_429(19.9, 11.9, Some(12.2));
+        assert_eq!((near.ceiling, near.hold), (11.9, HOLD));
     }
 
     #[test]
