@@ -12,6 +12,10 @@
 //! that may send now, so with thousands of accounts each paced at a few requests per second a
 //! wake-up costs O(log n), not a scan of every account.
 //!
+//! Here: the loop, the dispatch round and shutdown; `outcome` turns Zoom's answers into queue
+//! transitions and limiter feedback; `housekeeping` does the once-a-second chores (gauges, the
+//! per-account rows of `stats`).
+//!
 //! **Invariant:** an account in `ring` or `waiting` has been announced by the queue and not yet
 //! reported empty by a claim; it is in exactly one of the two, so each account appears at most
 //! once, and one account's backlog or pause only ever costs the others one skipped turn.
@@ -25,10 +29,13 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod housekeeping;
+mod outcome;
+
 use crate::health::Health;
-use crate::limiter::{LimitKind, Limiters};
-use crate::metrics::{AccountRow, Metrics};
-use crate::queue::{self, now_ms, Claimed, DeadInfo, Head, Job, Queue};
+use crate::limiter::Limiters;
+use crate::metrics::Metrics;
+use crate::queue::{now_ms, Claimed, Head, Job, Queue};
 use crate::retry::RetryPolicy;
 use crate::zoom::{Outcome, ZoomClient};
 
@@ -315,214 +322,6 @@ impl Dispatcher {
         });
     }
 
-    /// Turns an outcome into a queue transition and limiter feedback.
-    fn handle(
-        &mut self,
-        Finished {
-            mut job,
-            granted,
-            outcome,
-        }: Finished,
-    ) {
-        let account = job.header.account_id.clone();
-        let now = now_ms();
-        match outcome {
-            Outcome::Delivered { .. } => {
-                self.no_token_pause = NO_TOKEN_PAUSE_MIN;
-                self.limiters.on_success(&account);
-                self.metrics.edits_delivered.inc();
-                self.delivered_since_log += 1;
-                self.metrics
-                    .delivery_latency
-                    .observe(now.saturating_sub(job.updated_ms) as f64 / 1000.0);
-                tracing::debug!(job_id = job.seq, message_id = %job.header.message_id, account = %account, "delivered");
-                self.finish(self.queue.complete(&job));
-            }
-            Outcome::RateLimited {
-                kind, retry_after, ..
-            } => {
-                let (kind, label) = match kind {
-                    crate::zoom::LimitKind::Qps => (LimitKind::Qps, "qps"),
-                    crate::zoom::LimitKind::Daily => (LimitKind::Daily, "daily"),
-                };
-                self.metrics
-                    .zoom_rate_limited
-                    .with_label_values(&[label])
-                    .inc();
-                self.limiters.on_rate_limited(
-                    &account,
-                    kind,
-                    retry_after,
-                    Some(granted),
-                    SystemTime::now(),
-                );
-                tracing::info!(job_id = job.seq, message_id = %job.header.message_id, account = %account,
-                    kind = label, retry_after = ?retry_after, "rate limited by Zoom; account slowed down");
-                // Not a failed attempt: the edit goes back to its place in line.
-                self.put_back(&job);
-            }
-            Outcome::NoToken { detail } => {
-                // Not the edit's fault: hold all sending and try again later.
-                tracing::debug!(job_id = job.seq, "no access token for this edit");
-                self.hold_for_token(&detail);
-                self.put_back(&job);
-            }
-            Outcome::Transient { status, detail } => {
-                let first_failure = *job.header.first_failure_ms.get_or_insert(now);
-                job.header.attempts += 1;
-                let failing_for = Duration::from_millis(now.saturating_sub(first_failure));
-                if failing_for >= self.settings.max_age {
-                    tracing::warn!(job_id = job.seq, message_id = %job.header.message_id, account = %account,
-                        attempts = job.header.attempts, status = ?status, %detail,
-                        "edit failing longer than delivery.max_age; moved to the dead letters");
-                    let info = DeadInfo {
-                        reason: "expired",
-                        status,
-                        zoom_code: None,
-                        detail: format!(
-                            "failing for {} s ({} attempts); last error: {detail}",
-                            failing_for.as_secs(),
-                            job.header.attempts
-                        ),
-                    };
-                    self.finish(self.queue.dead_letter(&job, info));
-                    return;
-                }
-                let delay = self.settings.retry.delay(job.header.attempts);
-                job.header.next_attempt_ms = now + delay.as_millis() as u64;
-                tracing::warn!(job_id = job.seq, message_id = %job.header.message_id, account = %account,
-                    attempts = job.header.attempts, status = ?status, %detail,
-                    retry_in_s = delay.as_secs_f64(), "transient failure; will retry");
-                self.metrics.retries.inc();
-                let (superseded, commit) = self.queue.retry_later(&job, true);
-                if superseded {
-                    tracing::debug!(job_id = job.seq, "superseded by a newer edit; dropped");
-                }
-                self.finish(commit);
-            }
-            Outcome::Rejected {
-                status,
-                code,
-                message,
-            } => {
-                tracing::warn!(job_id = job.seq, message_id = %job.header.message_id, account = %account,
-                    status, zoom_code = ?code, zoom_message = %message,
-                    "Zoom rejected the edit; moved to the dead letters");
-                let info = DeadInfo {
-                    reason: "rejected",
-                    status: Some(status),
-                    zoom_code: code,
-                    detail: message,
-                };
-                self.finish(self.queue.dead_letter(&job, info));
-            }
-        }
-    }
-
-    /// Holds all sending after the token could not be obtained, for longer each time. Several
-    /// requests failing for want of the same token escalate the hold only once.
-    fn hold_for_token(&mut self, detail: &str) {
-        if self
-            .no_token_until
-            .is_some_and(|until| until > Instant::now())
-        {
-            return;
-        }
-        let pause = self.no_token_pause;
-        self.no_token_until = Some(Instant::now() + pause);
-        self.no_token_pause = (pause * 2).min(NO_TOKEN_PAUSE_MAX);
-        tracing::warn!(%detail, pause_s = pause.as_secs_f64(), "no access token; holding deliveries");
-    }
-
-    /// Returns a claimed job to its place in line without counting an attempt.
-    fn put_back(&self, job: &Job) {
-        let mut job = job.clone();
-        job.header.next_attempt_ms = 0;
-        let (_, commit) = self.queue.retry_later(&job, false);
-        self.finish(commit);
-    }
-
-    /// Logs a commit failure in the background; the queue keeps and retries the writes.
-    fn finish(&self, commit: queue::Commit) {
-        tokio::spawn(async move {
-            if let Err(e) = queue::wait(commit).await {
-                tracing::debug!(error = %e, "queue transition not yet durable");
-            }
-        });
-    }
-
-    /// Once a second: limiter gauges, per-account series, idle limiter release.
-    fn housekeeping(&mut self) {
-        if self.last_housekeeping.elapsed() < Duration::from_secs(1) {
-            return;
-        }
-        self.last_housekeeping = Instant::now();
-        if self.delivered_since_log > 0 && self.last_summary.elapsed() >= Duration::from_secs(10) {
-            let stats = self.queue.stats();
-            tracing::info!(
-                delivered = self.delivered_since_log,
-                seconds = self.last_summary.elapsed().as_secs(),
-                pending = stats.pending,
-                in_flight = stats.in_flight,
-                dead = stats.dead,
-                "delivered edits"
-            );
-            self.delivered_since_log = 0;
-            self.last_summary = Instant::now();
-        } else if self.delivered_since_log == 0 {
-            self.last_summary = Instant::now();
-        }
-        self.limiters.release_idle();
-        let snapshot = self.limiters.snapshot(SystemTime::now());
-        self.metrics.limiter_rate.set(snapshot.total_rate);
-        self.metrics.accounts_paused.set(snapshot.paused as i64);
-        self.metrics.accounts_active.set(snapshot.active as i64);
-        self.metrics.delivered_rate.set(
-            snapshot
-                .per_account
-                .iter()
-                .map(|view| view.delivered)
-                .fold(0.0, |sum, rate| sum + rate),
-        );
-        self.publish_accounts(&snapshot.per_account);
-    }
-
-    /// The per-account rows of `stats` and the per-account series: the accounts with the
-    /// largest backlogs, then (when fewer have a backlog) the busiest by delivered rate, at most
-    /// `metrics.per_account_series`.
-    fn publish_accounts(&self, tracked: &[crate::limiter::AccountView]) {
-        let wanted = self.settings.per_account_series;
-        if wanted == 0 {
-            self.metrics.publish_accounts(Vec::new());
-            return;
-        }
-        let now_utc = SystemTime::now();
-        let mut rows: Vec<AccountRow> = self
-            .queue
-            .top_accounts(wanted)
-            .into_iter()
-            .map(|(account, pending)| {
-                let view = self.limiters.view_of(&account, now_utc);
-                row(view, pending as u64)
-            })
-            .collect();
-        if rows.len() < wanted {
-            let mut busiest: Vec<&crate::limiter::AccountView> = tracked
-                .iter()
-                .filter(|view| !rows.iter().any(|row| row.account_id == view.account_id))
-                .collect();
-            busiest.sort_by(|a, b| b.delivered.total_cmp(&a.delivered));
-            let missing = wanted - rows.len();
-            rows.extend(
-                busiest
-                    .into_iter()
-                    .take(missing)
-                    .map(|view| row(view.clone(), 0)),
-            );
-        }
-        self.metrics.publish_accounts(rows);
-    }
-
     /// Shutdown: wait for in-flight requests (bounded), recording their outcomes.
     async fn drain(mut self) {
         self.requests.close();
@@ -543,17 +342,6 @@ impl Dispatcher {
                 }
             }
         }
-    }
-}
-
-fn row(view: crate::limiter::AccountView, pending: u64) -> AccountRow {
-    AccountRow {
-        account_id: view.account_id,
-        pending,
-        limit: view.limit,
-        allowed: if view.paused { 0.0 } else { view.rate },
-        delivered: view.delivered,
-        paused: view.paused,
     }
 }
 
