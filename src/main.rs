@@ -207,7 +207,7 @@ async fn dispatch(
             if json {
                 println!("{answer}");
             } else {
-                print!("{}", zoomq::demo::format_stats(&answer));
+                print!("{}", zoomq::client::format_stats(&answer));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -320,7 +320,7 @@ async fn dead(command: DeadCommand) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{answer}");
             } else {
-                print!("{}", zoomq::demo::format_dead_list(&answer));
+                print!("{}", zoomq::client::format_dead_list(&answer));
             }
         }
         DeadCommand::Retry {

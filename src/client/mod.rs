@@ -1,6 +1,10 @@
 //! The client side of the producer protocol, used by the `send`, `stats` and `dead`
 //! subcommands: connect, send one request line, read one answer line.
 
+mod render;
+
+pub use render::{format_dead_list, format_stats};
+
 use std::path::Path;
 use std::time::Duration;
 

@@ -1,0 +1,173 @@
+//! Human renderings of the answers of `zoomq stats` and `zoomq dead list` (the JSON forms are
+//! printed as they come with `--json`).
+
+use serde_json::Value;
+
+/// Renders a `stats` answer for people.
+pub fn format_stats(stats: &Value) -> String {
+    let mut out = String::new();
+    let line = |out: &mut String, label: &str, value: &Value| {
+        out.push_str(&format!("{label:<24} {}\n", render(value)));
+    };
+    for (label, key) in [
+        ("pending", "pending"),
+        ("in flight", "in_flight"),
+        ("dead letters", "dead"),
+        ("accounts with work", "accounts"),
+        ("oldest pending (s)", "oldest_pending_seconds"),
+        ("accepted", "accepted"),
+        ("coalesced", "coalesced"),
+        ("superseded", "superseded"),
+        ("delivered", "delivered"),
+        ("retries", "retries"),
+        ("answered 429", "rate_limited"),
+        ("dead-lettered", "dead_lettered"),
+        ("accounts paused", "accounts_paused"),
+        ("allowed rate (req/s)", "limiter_rate"),
+        ("delivered rate (req/s)", "delivered_rate"),
+        ("producer connections", "connections"),
+    ] {
+        line(&mut out, label, &stats[key]);
+    }
+    if let Some(rows) = stats["per_account"].as_array() {
+        out.push_str(&format_accounts(rows));
+    }
+    if let Some(error) = stats["storage_error"].as_str() {
+        out.push_str(&format!("STORAGE ERROR            {error}\n"));
+    }
+    if let Some(error) = stats["token_error"].as_str() {
+        out.push_str(&format!("TOKEN ERROR              {error}\n"));
+    }
+    out
+}
+
+/// The per-account table of `stats`: rates in requests per second, "quota used" is the
+/// delivered rate as a share of the account's limit.
+fn format_accounts(rows: &[Value]) -> String {
+    if rows.is_empty() {
+        return "\nper account: no account active (or metrics.per_account_series = 0)\n".into();
+    }
+    let mut out = format!(
+        "\nper account (largest backlogs, then busiest; rates in requests/s):\n{:<24} {:>8} {:>7} {:>8} {:>10} {:>11}  {}\n",
+        "ACCOUNT", "PENDING", "LIMIT", "ALLOWED", "DELIVERED", "QUOTA USED", "PAUSED"
+    );
+    for row in rows {
+        let rate = |key: &str| row[key].as_f64();
+        let shown = |value: Option<f64>| value.map_or("-".to_string(), one_decimal);
+        let quota = match (rate("delivered"), rate("limit")) {
+            (Some(delivered), Some(limit)) if limit > 0.0 => {
+                format!("{:.1}%", 100.0 * delivered / limit)
+            }
+            _ => "-".into(),
+        };
+        out.push_str(&format!(
+            "{:<24} {:>8} {:>7} {:>8} {:>10} {:>11}  {}\n",
+            row["account_id"].as_str().unwrap_or("?"),
+            render(&row["pending"]),
+            shown(rate("limit")),
+            shown(rate("allowed")),
+            shown(rate("delivered")),
+            quota,
+            if row["paused"] == true { "yes" } else { "no" },
+        ));
+    }
+    out
+}
+
+/// One decimal, and "0.0" rather than "-0.0" for a value that rounds to zero.
+fn one_decimal(value: f64) -> String {
+    let value = if value.abs() < 0.05 { 0.0 } else { value };
+    format!("{value:.1}")
+}
+
+fn render(value: &Value) -> String {
+    match value {
+        Value::Null => "-".into(),
+        Value::Number(n) if n.is_f64() => one_decimal(n.as_f64().unwrap_or(0.0)),
+        other => other.to_string(),
+    }
+}
+
+/// Renders a `dead_list` answer for people.
+pub fn format_dead_list(answer: &Value) -> String {
+    let Some(dead) = answer["dead"].as_array() else {
+        return "no dead letters\n".into();
+    };
+    if dead.is_empty() {
+        return "no dead letters\n".into();
+    }
+    let mut out = format!(
+        "{:<10} {:<28} {:<20} {:<9} {:>6} {:>6}  {}\n",
+        "JOB", "MESSAGE", "ACCOUNT", "REASON", "STATUS", "CODE", "DETAIL"
+    );
+    for d in dead {
+        out.push_str(&format!(
+            "{:<10} {:<28} {:<20} {:<9} {:>6} {:>6}  {}\n",
+            d["job_id"].as_str().unwrap_or("?"),
+            d["message_id"].as_str().unwrap_or("?"),
+            d["account_id"].as_str().unwrap_or("?"),
+            d["reason"].as_str().unwrap_or("?"),
+            render(&d["status"]),
+            render(&d["zoom_code"]),
+            d["detail"].as_str().unwrap_or(""),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn stats_answer() -> Value {
+        json!({"ok": true, "pending": 9, "in_flight": 1, "dead": 0, "accounts": 2,
+        "oldest_pending_seconds": 0.4, "accepted": 1200, "coalesced": 1100,
+        "superseded": 3, "delivered": 97, "retries": 4, "rate_limited": 1,
+        "dead_lettered": 0, "accounts_paused": 1, "limiter_rate": 19.4,
+        "delivered_rate": 19.8, "connections": 1, "storage_error": null,
+        "token_error": null,
+        "per_account": [
+            {"account_id": "demo-account", "pending": 9, "limit": 20.0, "allowed": 19.4,
+             "delivered": 19.3, "paused": false},
+            {"account_id": "acct-free", "pending": 0, "limit": 2.0, "allowed": 0.0,
+             "delivered": 0.5, "paused": true},
+        ]})
+    }
+
+    #[test]
+    fn stats_show_every_account_row_with_its_quota_used() {
+        let text = format_stats(&stats_answer());
+        assert!(text.contains("delivered rate (req/s)   19.8\n"), "{text}");
+        let mut paused = stats_answer();
+        paused["limiter_rate"] = json!(-0.0);
+        let text_paused = format_stats(&paused);
+        assert!(
+            text_paused.contains("allowed rate (req/s)     0.0\n"),
+            "{text_paused}"
+        );
+        assert!(text.contains("accounts with work       2\n"), "{text}");
+        let table: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("ACCOUNT"))
+            .collect();
+        assert_eq!(
+            table,
+            [
+                "ACCOUNT                   PENDING   LIMIT  ALLOWED  DELIVERED  QUOTA USED  PAUSED",
+                "demo-account                    9    20.0     19.4       19.3       96.5%  no",
+                "acct-free                       0     2.0      0.0        0.5       25.0%  yes",
+            ]
+        );
+    }
+
+    #[test]
+    fn stats_without_rows_say_why() {
+        let mut answer = stats_answer();
+        answer["per_account"] = json!([]);
+        assert!(format_stats(&answer).contains("no account active"));
+        // An older daemon without the field: no table at all.
+        answer.as_object_mut().unwrap().remove("per_account");
+        assert!(!format_stats(&answer).contains("per account"));
+    }
+}
