@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use governor::clock::{Clock, Reference};
 
 use super::adapt::Recovery;
-use super::pacer::{later, sanitize, Pacer};
+use super::pacer::{later, latest, sanitize, Pacer};
 use super::{utc, AccountPolicy, LimitKind};
 
 /// The longest pause a Retry-After may impose; a later time is taken as a bogus header.
@@ -177,9 +177,9 @@ impl<C: Clock + Clone> Account<C> {
             .unwrap_or_default();
         if !pause.is_zero() {
             let until = now_utc + pause;
-            self.paused_until = Some(self.paused_until.map_or(until, |old| old.max(until)));
+            self.paused_until = Some(latest(self.paused_until, until));
             let ends = later(now, pause);
-            self.pause_ends = Some(self.pause_ends.map_or(ends, |old| old.max(ends)));
+            self.pause_ends = Some(latest(self.pause_ends, ends));
         }
         if kind == LimitKind::Daily {
             self.pacer.slow_down(self.rate, now);
@@ -207,7 +207,7 @@ impl<C: Clock + Clone> Account<C> {
                 self.repeats = (self.repeats + 1).min(16);
                 let backoff = self.pacer.interval() * (1u32 << self.repeats);
                 let until = later(now, backoff).min(later(first, REPEAT_GUARD));
-                self.hold_until = Some(self.hold_until.map_or(until, |old| old.max(until)));
+                self.hold_until = Some(latest(self.hold_until, until));
                 self.pacer.slow_down(self.rate, now);
                 // The way back starts when sending does again.
                 if let Some((_, from)) = &mut self.recovery {

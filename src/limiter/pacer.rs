@@ -69,7 +69,7 @@ pub(super) struct Pacer<C: Clock> {
     window_count: usize,
     /// The grid's spacing, `1/rate` rounded up to whole nanoseconds.
     interval: Duration,
-    /// Rule 1. Rebuilt by [`Pacer::set_rate`] (a governor quota is fixed).
+    /// Rule 1. Rebuilt at every rate change and fresh grid (a governor quota is fixed).
     gcra: Gcra<C>,
     /// Instants of the last `window_count` grants, oldest first (rules 2 and 3).
     recent: VecDeque<C::Instant>,
@@ -120,7 +120,7 @@ impl<C: Clock + Clone> Pacer<C> {
         let mut not_before = self.hold;
         if let Some(&last) = self.recent.back() {
             let spaced = later(last, self.interval / 2);
-            not_before = Some(not_before.map_or(spaced, |at| at.max(spaced)));
+            not_before = Some(latest(not_before, spaced));
         }
         if self.recent.len() >= self.window_count {
             let oldest = self.recent[self.recent.len() - self.window_count];
@@ -133,7 +133,7 @@ impl<C: Clock + Clone> Pacer<C> {
                 }
                 window_opens = guarded;
             }
-            not_before = Some(not_before.map_or(window_opens, |at| at.max(window_opens)));
+            not_before = Some(latest(not_before, window_opens));
         }
         if let Some(at) = not_before {
             if at > now {
@@ -194,7 +194,7 @@ impl<C: Clock + Clone> Pacer<C> {
     }
 
     fn hold_until(&mut self, at: C::Instant) {
-        self.hold = Some(self.hold.map_or(at, |old| old.max(at)));
+        self.hold = Some(latest(self.hold, at));
     }
 
     /// How long after the last grant this pacer's state still matters (rule 3's window and
@@ -245,6 +245,11 @@ fn gcra<C: Clock + Clone>(interval: Duration, clock: &C) -> Gcra<C> {
 
 /// Bounds every offset added to a monotonic instant, so absurd settings cannot overflow it.
 const MAX_OFFSET: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// The later of a deadline that may be unset and a new one: deadlines only ever move later.
+pub(super) fn latest<T: Ord + Copy>(current: Option<T>, new: T) -> T {
+    current.map_or(new, |current| current.max(new))
+}
 
 pub(super) fn later<I: Reference>(at: I, by: Duration) -> I {
     at + Nanos::from(by.min(MAX_OFFSET))
