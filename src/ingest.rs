@@ -74,11 +74,15 @@ fn map_frame(
 
 impl Ingest {
     /// Accepts producers until `cancel` fires. Connection tasks are spawned on `tracker`, so
-    /// shutdown can wait for their outstanding answers.
+    /// shutdown can wait for their outstanding answers: on `cancel` each connection stops
+    /// reading, answers what it already read and closes; on `abort` it closes at once, its
+    /// outstanding requests unanswered (an edit not answered may or may not be accepted, as
+    /// after a crash; it is never answered `ok` unless it is durable).
     pub async fn serve(
         self: Arc<Self>,
         listener: UnixListener,
         cancel: CancellationToken,
+        abort: CancellationToken,
         tracker: TaskTracker,
     ) {
         let limit = Arc::new(Semaphore::new(self.config.max_connections));
@@ -103,11 +107,21 @@ impl Ingest {
             };
             let ingest = self.clone();
             let cancel = cancel.clone();
+            let abort = abort.clone();
             tracker.spawn(async move {
                 ingest.metrics.ingest_connections_total.inc();
                 ingest.metrics.ingest_connections.inc();
-                if let Err(e) = ingest.handle_connection(stream, cancel).await {
-                    tracing::debug!(error = %e, "producer connection ended with an error");
+                tokio::select! {
+                    ended = ingest.handle_connection(stream, cancel) => {
+                        if let Err(e) = ended {
+                            tracing::debug!(error = %e, "producer connection ended with an error");
+                        }
+                    }
+                    // Dropping the handler closes the socket: the producer sees the
+                    // connection end, with every answer it got true.
+                    _ = abort.cancelled() => {
+                        tracing::debug!("closing a producer connection whose answers were not all sent");
+                    }
                 }
                 ingest.metrics.ingest_connections.dec();
                 drop(permit);

@@ -30,6 +30,7 @@ pub mod zoom;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
@@ -68,8 +69,29 @@ pub fn bind_socket(
     Ok(listener)
 }
 
-/// Runs the daemon until `cancel` fires, then shuts down gracefully: stop accepting, let
-/// in-flight work finish (bounded by `delivery.shutdown_timeout`), commit, return.
+/// The longest a stop waits for producers' outstanding answers and in-flight requests to Zoom
+/// before it closes those connections and abandons those requests.
+///
+/// It is the bulk of the stop's budget: SIGTERM to exit within 2 s whatever hangs (Zoom, its
+/// token endpoint, a producer that does not read). Stopping to accept, to read and to claim
+/// is immediate; then answers and requests get this grace, both at once; what is left is
+/// dropped at once (no edit is lost: an abandoned request's job is still on disk and pending
+/// again after the restart; an unanswered producer sends its edit again); then the queue
+/// commits what the grace recorded (one group commit, milliseconds) and the runtime is torn
+/// down without waiting for stuck blocking calls (`main.rs`). That leaves most of a second
+/// for the commit's fsync on a busy disk. systemd's `TimeoutStopSec=` (deploy/systemd) is
+/// kept well above the whole.
+pub const SHUTDOWN_GRACE_MAX: Duration = Duration::from_secs(1);
+
+/// The grace of a stop: `delivery.shutdown_timeout`, at most [`SHUTDOWN_GRACE_MAX`]. Waiting
+/// longer for a request would only spare Zoom a second copy of an idempotent edit.
+pub fn shutdown_grace(config: &Config) -> Duration {
+    config.delivery.shutdown_timeout.min(SHUTDOWN_GRACE_MAX)
+}
+
+/// Runs the daemon until `cancel` fires, then shuts down gracefully: stop accepting, reading
+/// and claiming; give outstanding answers and in-flight requests [`shutdown_grace`]; close the
+/// connections and abandon the requests still unfinished; commit; return.
 pub async fn run(
     config: Config,
     listener: std::os::unix::net::UnixListener,
@@ -99,21 +121,25 @@ pub async fn run(
 
     let tracker = TaskTracker::new();
     let http_cancel = CancellationToken::new();
+    let mut http_task = None;
     if !config.metrics.listen.is_empty() {
         let listener = tokio::net::TcpListener::bind(&config.metrics.listen)
             .await
             .with_context(|| {
                 format!("cannot listen on metrics.listen {}", config.metrics.listen)
             })?;
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        }
         let observe_queue = queue.clone();
         let observe: http::Observe = Arc::new(move || observe_queue.observe());
-        tokio::spawn(http::serve(
+        http_task = Some(tokio::spawn(http::serve(
             listener,
             metrics.clone(),
             health.clone(),
             observe,
             http_cancel.clone(),
-        ));
+        )));
     }
 
     listener.set_nonblocking(true)?;
@@ -126,7 +152,13 @@ pub async fn run(
         config: config.socket.clone(),
     });
     let ingest_cancel = cancel.child_token();
-    let ingest_task = tokio::spawn(ingest.serve(listener, ingest_cancel, tracker.clone()));
+    let connections_abort = CancellationToken::new();
+    let ingest_task = tokio::spawn(ingest.serve(
+        listener,
+        ingest_cancel,
+        connections_abort.clone(),
+        tracker.clone(),
+    ));
     let dispatcher = dispatch::Dispatcher::new(
         queue.clone(),
         ready_rx,
@@ -139,7 +171,7 @@ pub async fn run(
                 max: config.delivery.retry_max,
             },
             max_age: config.delivery.max_age,
-            shutdown_timeout: config.delivery.shutdown_timeout,
+            shutdown_grace: shutdown_grace(&config),
             per_account_series: config.metrics.per_account_series,
         },
         metrics.clone(),
@@ -153,22 +185,43 @@ pub async fn run(
 
     cancel.cancelled().await;
     systemd::notify_stopping();
-    tracing::info!("shutting down");
-    // 1. Stop accepting and answer what producers already sent.
+    let grace = shutdown_grace(&config);
+    tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down");
+    let deadline = tokio::time::Instant::now() + grace;
+    // 1. Stop at once: accepting and reading producers' lines (`cancel`), claiming jobs, and
+    //    accepting scrapes. /readyz says not ready from now on.
+    health.set_socket_bound(false);
+    dispatch_cancel.cancel();
+    http_cancel.cancel();
     let _ = ingest_task.await;
     tracker.close();
-    if tokio::time::timeout(config.delivery.shutdown_timeout, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("producer connections did not finish in time");
+    // 2. Within the grace, both at once: producers get the answers to what they already sent,
+    //    in-flight requests finish and their outcomes are recorded. Then connections still
+    //    open are closed and requests still running are abandoned (see `dispatch`).
+    let connections = async {
+        if tokio::time::timeout_at(deadline, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                connections = tracker.len(),
+                "closing producer connections whose answers were not all sent in time"
+            );
+            connections_abort.cancel();
+            tracker.wait().await;
+        }
+    };
+    let (_, dispatched) = tokio::join!(connections, dispatch_task);
+    if let Err(e) = dispatched {
+        tracing::error!(error = %e, "the dispatcher failed");
     }
-    health.set_socket_bound(false);
-    // 2. Stop dispatching; in-flight requests finish (bounded) and their outcomes are stored.
-    dispatch_cancel.cancel();
-    let _ = dispatch_task.await;
     let _ = supervisor.await;
-    http_cancel.cancel();
+    if let Some(http_task) = http_task {
+        // A scrape still running now is cut off.
+        http_task.abort();
+        let _ = http_task.await;
+    }
+    // 3. Commit everything recorded (acknowledged edits were committed before their answer).
     tokio::task::spawn_blocking(move || queue.close()).await?;
     tracing::info!("stopped");
     Ok(())

@@ -156,14 +156,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command, inherited)) {
+    let code = match runtime.block_on(dispatch(cli.command, inherited)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("zoomq: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Dropping a runtime waits for every blocking task, e.g. a DNS lookup of Zoom's host stuck
+    // in getaddrinfo (reqwest resolves on the blocking pool). Everything that matters is done
+    // by now (`zoomq::run` returns after the queue's last commit), so do not wait long.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
+    code
 }
+
+/// How long the runtime's teardown waits for blocking tasks still running (part of the stop's
+/// budget, see `zoomq::SHUTDOWN_GRACE_MAX`).
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn init_logging(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

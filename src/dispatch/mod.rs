@@ -45,7 +45,9 @@ pub struct DispatchSettings {
     pub concurrency: usize,
     pub retry: RetryPolicy,
     pub max_age: Duration,
-    pub shutdown_timeout: Duration,
+    /// On shutdown, how long in-flight requests may still take before they are abandoned
+    /// (see [`crate::shutdown_grace`]).
+    pub shutdown_grace: Duration,
     pub per_account_series: usize,
 }
 
@@ -88,6 +90,8 @@ pub struct Dispatcher {
     /// While a token request runs on the dispatcher's behalf, its result arrives here.
     token_fetch: Option<tokio::task::JoinHandle<Result<(), String>>>,
     requests: TaskTracker,
+    /// Cancelled when shutdown gives up on the requests still in flight.
+    abandon: CancellationToken,
     last_housekeeping: Instant,
     /// Deliveries since the last summary log line (one line per busy period, none when idle).
     delivered_since_log: u64,
@@ -123,14 +127,15 @@ impl Dispatcher {
             finished_rx,
             token_fetch: None,
             requests: TaskTracker::new(),
+            abandon: CancellationToken::new(),
             last_housekeeping: Instant::now(),
             delivered_since_log: 0,
             last_summary: Instant::now(),
         }
     }
 
-    /// Runs until `cancel` fires, then lets in-flight requests finish (bounded by
-    /// `shutdown_timeout`) and records their outcomes.
+    /// Runs until `cancel` fires, then claims nothing more, lets in-flight requests finish
+    /// for at most `shutdown_grace`, records their outcomes and abandons the rest.
     pub async fn run(mut self, cancel: CancellationToken) {
         loop {
             self.health.dispatcher_turned();
@@ -311,8 +316,15 @@ impl Dispatcher {
     fn spawn_request(&self, job: Job, granted: Instant, permit: tokio::sync::OwnedSemaphorePermit) {
         let zoom = self.zoom.clone();
         let finished_tx = self.finished_tx.clone();
+        let abandon = self.abandon.clone();
         self.requests.spawn(async move {
-            let outcome = zoom.edit(&job.header.message_id, &job.body).await;
+            let outcome = tokio::select! {
+                outcome = zoom.edit(&job.header.message_id, &job.body) => outcome,
+                // Shutdown gave up on this request (dropping it closes its connection). The
+                // job stays as the claim left it: its records are untouched on disk, so after
+                // the restart it is pending again and sent again.
+                _ = abandon.cancelled() => return,
+            };
             drop(permit);
             let _ = finished_tx.send(Finished {
                 job,
@@ -322,25 +334,40 @@ impl Dispatcher {
         });
     }
 
-    /// Shutdown: wait for in-flight requests (bounded), recording their outcomes.
+    /// Shutdown: nothing more is claimed; in-flight requests get `shutdown_grace` to finish
+    /// and their outcomes are recorded; those still running then are abandoned. Abandoning
+    /// loses nothing: a claim writes nothing, so an abandoned job's records are on disk as
+    /// they were before it was sent, and the restart makes it pending again. Waiting longer
+    /// would only save sending it twice (Zoom edits are idempotent), at the price of a stop
+    /// that lasts as long as Zoom hangs.
     async fn drain(mut self) {
         self.requests.close();
-        let deadline = tokio::time::Instant::now() + self.settings.shutdown_timeout;
+        // A token request (against a token endpoint that may hang) serves no one now.
+        if let Some(fetch) = self.token_fetch.take() {
+            fetch.abort();
+        }
+        let deadline = tokio::time::Instant::now() + self.settings.shutdown_grace;
         loop {
             tokio::select! {
                 Some(finished) = self.finished_rx.recv() => self.handle(finished),
-                _ = self.requests.wait() => {
-                    while let Ok(finished) = self.finished_rx.try_recv() {
-                        self.handle(finished);
-                    }
-                    break;
-                }
+                _ = self.requests.wait() => break,
                 _ = tokio::time::sleep_until(deadline) => {
-                    tracing::warn!(in_flight = self.requests.len(),
-                        "in-flight requests did not finish in time; they will be sent again after restart");
+                    tracing::warn!(
+                        in_flight = self.requests.len(),
+                        grace_ms = self.settings.shutdown_grace.as_millis() as u64,
+                        "abandoning the requests to Zoom still in flight; their edits stay \
+                         queued and are sent again after the restart"
+                    );
+                    self.abandon.cancel();
+                    // Each task returns at its next poll, without reporting.
+                    self.requests.wait().await;
                     break;
                 }
             }
+        }
+        // Outcomes reported just before the end: recorded, so they are not sent again.
+        while let Ok(finished) = self.finished_rx.try_recv() {
+            self.handle(finished);
         }
     }
 }

@@ -157,20 +157,32 @@ impl TestDaemon {
 
     /// SIGTERM, then waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.terminate_timed().0
+    }
+
+    /// SIGTERM, then waits for the exit status; also returns how long the stop took, from
+    /// the signal to the exit (a few milliseconds more: starting `kill`, the polling step).
+    pub fn terminate_timed(&mut self) -> (std::process::ExitStatus, Duration) {
         let mut child = self.child.take().expect("running");
+        // Counted from just before `kill` runs: an over- rather than an underestimate.
+        let signalled = Instant::now();
         let status = Command::new("kill")
             .arg("-TERM")
             .arg(child.id().to_string())
             .status()
             .unwrap();
         assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = signalled + Duration::from_secs(20);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                return status;
+                return (status, signalled.elapsed());
             }
-            assert!(Instant::now() < deadline, "zoomq did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
+            assert!(
+                Instant::now() < deadline,
+                "zoomq did not stop on SIGTERM\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 

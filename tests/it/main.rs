@@ -9,3 +9,4 @@ mod delivery;
 mod faults;
 mod ingest;
 mod operator_view;
+mod shutdown;
