@@ -882,11 +882,22 @@ fn index_probe(args: &Args) -> anyhow::Result<()> {
     for index in 0..args.edits {
         message.clear();
         write!(message, "m0-{index}")?;
+        // Where recovery finds it: records of 30 entries, as 1 KiB edits fill them.
+        let stored = zoomq::queue::Stored {
+            loc: Some(zoomq::queue::Loc {
+                record: 1 + index / 30,
+                index: (index % 30) as u32,
+            }),
+            enqueued_ms: 1_700_000_000_000 + index,
+            attempts: 0,
+            first_failure_ms: None,
+        };
         state.restore(
             &message,
             &account_id(index % args.accounts),
             index + 1,
             0,
+            stored,
             0,
         );
     }

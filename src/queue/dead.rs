@@ -2,8 +2,9 @@
 //! newer edit of the message is pending) and purge. Serialized by `Shared::dead_ops`, because each
 //! reads sled and must see the previous command's writes committed.
 
-use super::store::{key, Op, CONTENT, DEAD};
-use super::{now_ms, wait, DeadOutcome, DeadRecord, JobHeader, Queue, StoreError};
+use super::state::Stored;
+use super::store::{key, EntryRef, Op, DEAD, DEAD_BODY};
+use super::{now_ms, wait, DeadOutcome, DeadRecord, Queue, StoreError};
 use crate::protocol::Selector;
 
 impl Queue {
@@ -22,30 +23,61 @@ impl Queue {
     pub async fn dead_retry(&self, selector: &Selector) -> Result<DeadOutcome, String> {
         let _serial = self.shared.dead_ops.lock().await;
         let records = self.select_dead(selector)?;
+        // Bodies are read before taking the queue's lock (they are only ever deleted by these
+        // serialized commands, so they cannot go away meanwhile).
+        let store = self.shared.store().map_err(|e| e.to_string())?;
+        let mut bodies = Vec::with_capacity(records.len());
+        for (seq, _) in &records {
+            bodies.push(store.dead_body(*seq).map_err(|e| e.to_string())?);
+        }
         let mut outcome = DeadOutcome::default();
         let commit = {
             let mut core = self.shared.lock();
             let now = now_ms();
-            for (seq, record) in records {
+            for ((seq, record), body) in records.into_iter().zip(bodies) {
                 let message = &record.header.message_id;
-                core.batch.push(Op::Del(key(DEAD, seq)));
+                core.ops.push(Op::Del(key(DEAD, seq)));
+                core.ops.push(Op::Del(key(DEAD_BODY, seq)));
                 core.dead -= 1;
+                let Some((updated_ms, body)) = body else {
+                    tracing::error!(job_id = seq, "dead letter without a body; dropped");
+                    continue;
+                };
                 if core.state.pending_of(message).is_some() {
-                    core.batch.push(Op::Del(key(CONTENT, seq)));
                     outcome.superseded += 1;
                     continue;
                 }
-                let header = JobHeader {
+                let header = &record.header;
+                let entry = EntryRef {
+                    seq,
+                    enqueued_ms: header.enqueued_ms,
+                    updated_ms,
                     attempts: 0,
                     next_attempt_ms: 0,
                     first_failure_ms: None,
-                    ..record.header
+                    message_id: &header.message_id,
+                    account_id: &header.account_id,
+                    body_len: body.len() as u32,
                 };
-                let (_, announce) =
-                    core.state
-                        .restore(&header.message_id, &header.account_id, seq, 0, now);
-                core.write_header(seq, header);
-                self.shared.announce(announce);
+                let loc = core.write_entry(&entry, &body);
+                let stored = Stored {
+                    loc: Some(loc),
+                    enqueued_ms: header.enqueued_ms,
+                    attempts: 0,
+                    first_failure_ms: None,
+                };
+                let restored = core.state.restore(
+                    &header.message_id,
+                    &header.account_id,
+                    seq,
+                    0,
+                    stored,
+                    now,
+                );
+                if let Some((_, Some(loser))) = restored.superseded {
+                    core.ledger.done(loser);
+                }
+                self.shared.announce(restored.announce);
                 outcome.affected += 1;
             }
             self.shared
@@ -69,8 +101,8 @@ impl Queue {
         let commit = {
             let mut core = self.shared.lock();
             for (seq, _) in &records {
-                core.batch.push(Op::Del(key(DEAD, *seq)));
-                core.batch.push(Op::Del(key(CONTENT, *seq)));
+                core.ops.push(Op::Del(key(DEAD, *seq)));
+                core.ops.push(Op::Del(key(DEAD_BODY, *seq)));
                 core.dead -= 1;
             }
             self.shared.commit_locked(core)

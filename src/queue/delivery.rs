@@ -6,7 +6,8 @@
 //! receives content that a crash could still take back, and after a restart it never gets an
 //! older edit of a message after a newer one.
 
-use super::store::{key, put_json, Op, StoreError, CONTENT, DEAD, JOB};
+use super::state::Stored;
+use super::store::{put_dead_body, put_json, EntryRef, StoreError, DEAD};
 use super::{now_ms, Commit, Core, DeadInfo, DeadRecord, Job, Queue};
 
 /// The state of an account's line, as the dispatcher needs it before taking a rate-limit slot.
@@ -55,34 +56,58 @@ impl Queue {
             };
             claim
         };
-        // The job is in flight now and all its writes are committed: nothing else writes its
-        // records until we finish it, so sled has them in their final form.
-        let loaded = (|| {
-            let store = self.shared.store()?;
-            Ok::<_, StoreError>(store.header(claim.seq)?.zip(store.content(claim.seq)?))
-        })();
+        // The job is in flight now and its entry is committed: nothing else retires that entry
+        // until we finish the job, so its record is on disk as long as we read it.
+        let loc = claim.stored.loc.expect("a claimable job has a stored entry");
+        let loaded = self
+            .shared
+            .store()
+            .and_then(|store| store.load(loc.record, loc.index));
         match loaded {
-            Ok(Some((header, (updated_ms, body)))) => Ok(Claimed::Job(Job {
-                seq: claim.seq,
-                header,
-                updated_ms,
-                body,
-                more: claim.more,
-            })),
-            Ok(None) => {
+            Ok(Some(loaded)) if loaded.seq == claim.seq => {
+                Ok(Claimed::Job(Job {
+                    seq: claim.seq,
+                    header: loaded.header,
+                    updated_ms: loaded.updated_ms,
+                    body: loaded.body,
+                    more: claim.more,
+                    loc,
+                }))
+            }
+            Ok(_) => {
                 let mut core = self.shared.lock();
-                let finished = core.state.finish(&claim.message, claim.seq, now_ms());
+                let finished = core.state.finish_key(claim.message, claim.seq, now_ms());
+                core.ledger.done(loc);
                 self.shared.announce(finished.announce);
                 Err(StoreError::Corrupt {
-                    key: format!("j{}", claim.seq),
-                    detail: "claimed job has no header or content on disk; dropped".into(),
+                    key: format!("h{}", loc.record),
+                    detail: format!(
+                        "entry {} (job {}) is missing or holds another job; dropped",
+                        loc.index, claim.seq
+                    ),
                 })
             }
             Err(e) => {
                 // Put it back where it was; the dispatcher will retry later.
                 let mut core = self.shared.lock();
                 let due = now_ms() + 1000;
-                self.requeue_locked(&mut core, &claim.message, claim.seq, due, false);
+                let requeued = core.state.requeue_key(
+                    claim.message,
+                    claim.seq,
+                    due,
+                    now_ms(),
+                    false,
+                    claim.stored,
+                );
+                if let Some(requeued) = requeued {
+                    self.shared.announce(requeued.announce);
+                    if requeued.superseded {
+                        core.ledger.done(loc);
+                        self.shared.metrics.edits_superseded.inc();
+                    } else {
+                        self.shared.timer_changed.notify_one();
+                    }
+                }
                 drop(core);
                 Err(e)
             }
@@ -98,8 +123,7 @@ impl Queue {
     pub fn complete(&self, job: &Job) -> Commit {
         let mut core = self.shared.lock();
         let finished = core.state.finish(&job.header.message_id, job.seq, now_ms());
-        core.batch.push(Op::Del(key(JOB, job.seq)));
-        core.batch.push(Op::Del(key(CONTENT, job.seq)));
+        core.ledger.done(job.loc);
         self.shared.announce(finished.announce);
         self.shared.commit_locked(core)
     }
@@ -110,16 +134,38 @@ impl Queue {
     /// Returns whether it was superseded.
     pub fn retry_later(&self, job: &Job, failed: bool) -> (bool, Commit) {
         let mut core = self.shared.lock();
+        let header = &job.header;
+        let mut loc = job.loc;
+        if failed && !core.state.would_supersede(&header.message_id, job.seq) {
+            // The retry state changed: the job gets a new entry, the old one retires.
+            let entry = EntryRef {
+                seq: job.seq,
+                enqueued_ms: header.enqueued_ms,
+                updated_ms: job.updated_ms,
+                attempts: header.attempts,
+                next_attempt_ms: header.next_attempt_ms,
+                first_failure_ms: header.first_failure_ms,
+                message_id: &header.message_id,
+                account_id: &header.account_id,
+                body_len: job.body.len() as u32,
+            };
+            loc = core.write_entry(&entry, &job.body);
+            core.ledger.done(job.loc);
+        }
+        let stored = Stored {
+            loc: Some(loc),
+            enqueued_ms: header.enqueued_ms,
+            attempts: header.attempts,
+            first_failure_ms: header.first_failure_ms,
+        };
         let superseded = self.requeue_locked(
             &mut core,
-            &job.header.message_id,
+            &header.message_id,
             job.seq,
-            job.header.next_attempt_ms,
+            header.next_attempt_ms,
             failed,
+            stored,
         );
-        if !superseded {
-            core.write_header(job.seq, job.header.clone());
-        }
         (superseded, self.shared.commit_locked(core))
     }
 
@@ -132,14 +178,19 @@ impl Queue {
         seq: u64,
         due_ms: u64,
         failed: bool,
+        stored: Stored,
     ) -> bool {
-        let Some(requeued) = core.state.requeue(message, seq, due_ms, now_ms(), failed) else {
+        let Some(requeued) = core
+            .state
+            .requeue(message, seq, due_ms, now_ms(), failed, stored)
+        else {
             return false;
         };
         self.shared.announce(requeued.announce);
         if requeued.superseded {
-            core.batch.push(Op::Del(key(JOB, seq)));
-            core.batch.push(Op::Del(key(CONTENT, seq)));
+            if let Some(loc) = stored.loc {
+                core.ledger.done(loc);
+            }
             self.shared.metrics.edits_superseded.inc();
         } else {
             self.shared.timer_changed.notify_one();
@@ -160,8 +211,9 @@ impl Queue {
             zoom_code: info.zoom_code,
             detail: info.detail,
         };
-        core.batch.push(Op::Del(key(JOB, job.seq)));
-        core.batch.push(put_json(DEAD, job.seq, &record));
+        core.ledger.done(job.loc);
+        core.ops.push(put_json(DEAD, job.seq, &record));
+        core.ops.push(put_dead_body(job.seq, job.updated_ms, &job.body));
         core.dead += 1;
         self.shared
             .metrics

@@ -29,6 +29,7 @@
 mod dead;
 mod delivery;
 pub use delivery::{Claimed, Head};
+mod ledger;
 mod state;
 mod store;
 mod writer;
@@ -41,8 +42,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
 use crate::protocol::Edit;
-pub use state::State;
-use store::{key, put_content, put_json, put_next_seq, Op, Store, CONTENT, JOB};
+use ledger::Ledger;
+pub use ledger::Loc;
+pub use state::{State, Stored};
+use store::{put_next_seq, EntryRef, Op, Store};
 pub use store::{DeadRecord, JobHeader, StoreError};
 
 /// Milliseconds since the Unix epoch: the clock of every time stored on disk.
@@ -80,6 +83,8 @@ pub struct Job {
     pub body: Vec<u8>,
     /// Whether the account still had ready work after this claim.
     pub more: bool,
+    /// Where its entry is stored.
+    loc: Loc,
 }
 
 /// Why a job went to the dead letters.
@@ -142,24 +147,23 @@ struct Shared {
     dead_ops: tokio::sync::Mutex<()>,
 }
 
-/// A job with writes not yet committed: the newest of them is in batch `batch_gen`.
-#[derive(Default)]
-struct Overlay {
-    /// Its newest uncommitted header, for the rare enqueue that must rewrite it.
-    header: Option<JobHeader>,
-    batch_gen: u64,
-}
-
 struct Core {
     state: State,
     dead: u64,
-    /// Writes not yet committed, in the order the index changed.
-    batch: Vec<Op>,
-    /// Whoever waits for the writes in `batch` to be durable.
+    /// Records: entries appended and retired since the last commit (see `ledger.rs`).
+    ledger: Ledger,
+    /// Other writes not yet committed (dead letters), in the order the index changed.
+    ops: Vec<Op>,
+    /// The writes of a failed commit: they go first in the next one, in order.
+    retained: Vec<Op>,
+    /// The job-id counter as last handed to the writer.
+    next_seq_written: u64,
+    /// Whoever waits for the writes above to be durable.
     waiters: Vec<oneshot::Sender<Result<(), String>>>,
-    /// Jobs with writes in a batch not yet committed: not claimable until they are (see
-    /// `delivery.rs`), so Zoom only ever receives durable content.
-    overlay: HashMap<u64, Overlay>,
+    /// Jobs with an entry not yet committed, with the number of the batch that holds the
+    /// newest: not claimable until it is (see `delivery.rs`), so Zoom only ever receives
+    /// durable content.
+    overlay: HashMap<u64, u64>,
     /// Number of the batch now accumulating; the writer bumps it when it takes the batch.
     batch_gen: u64,
     /// The last commit's error, while commits are failing.
@@ -176,6 +180,8 @@ pub struct Recovery {
     pub dead: u64,
     /// Older jobs of a message that also had a newer one (in flight at the crash).
     pub superseded: u64,
+    /// Jobs converted from the layout of earlier versions.
+    pub migrated: u64,
     pub elapsed: Duration,
 }
 
@@ -187,45 +193,75 @@ impl Queue {
         metrics: Arc<Metrics>,
     ) -> Result<(Queue, mpsc::UnboundedReceiver<Arc<str>>, Recovery), StoreError> {
         let started = Instant::now();
-        let (store, committer) = Store::open(&config.path, config.cache_capacity)?;
+        let (store, mut committer) = Store::open(&config.path, config.cache_capacity)?;
         let now = now_ms();
         let mut state = State::new(store.next_seq()?);
+        let mut ledger = Ledger::new(1);
+        let mut superseded = 0u64;
         let mut stale = Vec::new();
         let mut announced = Vec::new();
-        for item in store.headers() {
-            let (seq, header) = item?;
-            let (superseded, announce) = state.restore(
-                &header.message_id,
-                &header.account_id,
-                seq,
-                header.next_attempt_ms,
-                now,
-            );
-            stale.extend(superseded);
-            announced.extend(announce);
+        // Only headers and done bitmaps are read: bodies stay on disk until claimed.
+        for item in store.records() {
+            let stored = item?;
+            let done = stored.done.as_deref();
+            let mut entries = 0u32;
+            for (index, item) in store::entries(stored.record, &stored.headers).enumerate() {
+                let (entry, _) = item?;
+                let index = index as u32;
+                entries += 1;
+                if ledger::is_done(done, index) {
+                    continue;
+                }
+                let loc = Loc {
+                    record: stored.record,
+                    index,
+                };
+                let restored = state.restore(
+                    entry.message_id,
+                    entry.account_id,
+                    entry.seq,
+                    entry.next_attempt_ms,
+                    state::Stored {
+                        loc: Some(loc),
+                        enqueued_ms: entry.enqueued_ms,
+                        attempts: entry.attempts,
+                        first_failure_ms: entry.first_failure_ms,
+                    },
+                    now,
+                );
+                announced.extend(restored.announce);
+                if let Some((_, loser)) = restored.superseded {
+                    stale.extend(loser);
+                    superseded += 1;
+                }
+            }
+            ledger.restore(stored.record, entries, done);
         }
+        for loc in stale.drain(..) {
+            ledger.done(loc);
+        }
+        let migrated = migrate_v1(&store, &mut committer, &mut state, &mut ledger, &mut announced, now)?;
         let dead = store.count_dead()?;
         let recovery = Recovery {
             pending: state.pending(),
             dead,
-            superseded: stale.len() as u64,
+            superseded,
+            migrated,
             elapsed: started.elapsed(),
         };
-        let mut batch = Vec::new();
-        for seq in &stale {
-            batch.push(Op::Del(key(JOB, *seq)));
-            batch.push(Op::Del(key(CONTENT, *seq)));
-        }
-        metrics.edits_superseded.inc_by(stale.len() as u64);
+        metrics.edits_superseded.inc_by(superseded);
         let (ready_tx, ready_rx) = mpsc::unbounded_channel();
         for account in announced {
             let _ = ready_tx.send(account);
         }
         let shared = Arc::new(Shared {
             core: Mutex::new(Core {
+                next_seq_written: state.next_seq(),
                 state,
                 dead,
-                batch,
+                ledger,
+                ops: Vec::new(),
+                retained: Vec::new(),
                 waiters: Vec::new(),
                 overlay: HashMap::new(),
                 batch_gen: 0,
@@ -283,48 +319,31 @@ impl Queue {
                 return Err(EnqueueError::Full(core.state.pending()));
             }
             let replaces_failed = core.state.pending_failed(&edit.message_id);
-            let placed = core.state.enqueue(&edit.message_id, &edit.account_id, now);
-            let (seq, coalesced, announce) = match placed {
-                state::Placed::New { seq, announce } => {
-                    let header = JobHeader {
-                        message_id: edit.message_id.clone(),
-                        account_id: edit.account_id.clone(),
-                        enqueued_ms: now,
-                        attempts: 0,
-                        next_attempt_ms: 0,
-                        first_failure_ms: None,
-                    };
-                    core.write_header(seq, header);
-                    let next_seq = core.state.next_seq();
-                    core.batch.push(put_next_seq(next_seq));
-                    (seq, false, announce)
-                }
-                state::Placed::Coalesced {
-                    seq,
-                    moved_from,
-                    announce,
-                } => {
-                    if moved_from.is_some() {
-                        // Rare: the same message under another account. Rewrite its header.
-                        let current = match core.overlay.get(&seq).and_then(|o| o.header.clone()) {
-                            Some(header) => Ok(Some(header)),
-                            None => self.shared.store().and_then(|store| store.header(seq)),
-                        };
-                        match current {
-                            Ok(Some(mut header)) => {
-                                header.account_id = edit.account_id.clone();
-                                core.write_header(seq, header);
-                            }
-                            Ok(None) => {}
-                            Err(e) => {
-                                tracing::error!(job_id = seq, error = %e, "cannot read job header")
-                            }
-                        }
-                    }
-                    (seq, true, announce)
-                }
+            let (seq, coalesced, announce) =
+                match core.state.enqueue(&edit.message_id, &edit.account_id, now) {
+                    state::Placed::New { seq, announce } => (seq, false, announce),
+                    // A move to another account is in the index; the new entry names it.
+                    state::Placed::Coalesced { seq, announce, .. } => (seq, true, announce),
+                };
+            let (_, due_ms, stored) = core
+                .state
+                .pending_job(&edit.message_id)
+                .expect("the edit was just placed");
+            let entry = EntryRef {
+                seq,
+                enqueued_ms: stored.enqueued_ms,
+                updated_ms: now,
+                attempts: stored.attempts,
+                next_attempt_ms: due_ms,
+                first_failure_ms: stored.first_failure_ms,
+                message_id: &edit.message_id,
+                account_id: &edit.account_id,
+                body_len: body.len() as u32,
             };
-            core.write_content(seq, now, &body);
+            let loc = core.write_entry(&entry, &body);
+            if let Some(replaced) = core.state.set_loc(&edit.message_id, loc) {
+                core.ledger.done(replaced);
+            }
             let (tx, rx) = oneshot::channel();
             core.waiters.push(tx);
             if let Some(account) = announce {
@@ -374,13 +393,23 @@ impl Queue {
         self.shared.lock().state.top_accounts(n)
     }
 
-    /// Age of the oldest job not yet delivered (a seek to the first key, not a scan).
+    /// Age of the oldest job not yet delivered, as far as the oldest stored record tells (a
+    /// job rewritten to a newer record by a retry or a coalesced edit keeps its enqueue time
+    /// but is only seen once the records before it are gone). One record read, not a scan.
     pub fn oldest_age(&self) -> Result<Option<Duration>, StoreError> {
-        Ok(self
-            .shared
-            .store()?
-            .oldest()?
-            .map(|(_, h)| Duration::from_millis(now_ms().saturating_sub(h.enqueued_ms))))
+        let oldest = self.shared.lock().ledger.oldest();
+        let Some((record, live)) = oldest else {
+            return Ok(None);
+        };
+        let store = self.shared.store()?;
+        let mut enqueued = None::<u64>;
+        for index in live {
+            // An uncommitted record is not readable yet: then there is no age to tell.
+            if let Some(loaded) = store.load_header(record, index)? {
+                enqueued = Some(enqueued.map_or(loaded.enqueued_ms, |e| e.min(loaded.enqueued_ms)));
+            }
+        }
+        Ok(enqueued.map(|e| Duration::from_millis(now_ms().saturating_sub(e))))
     }
 
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
@@ -431,19 +460,92 @@ impl Queue {
 }
 
 impl Core {
-    /// Queues a header write and records it in the overlay until it is committed.
-    fn write_header(&mut self, seq: u64, header: JobHeader) {
-        self.batch.push(put_json(JOB, seq, &header));
-        let overlay = self.overlay.entry(seq).or_default();
-        overlay.header = Some(header);
-        overlay.batch_gen = self.batch_gen;
+    /// Appends a job's new entry and marks the job not durable until it is committed.
+    fn write_entry(&mut self, entry: &EntryRef<'_>, body: &[u8]) -> Loc {
+        self.overlay.insert(entry.seq, self.batch_gen);
+        self.ledger.append(entry, body)
     }
 
-    /// Queues a content write and marks the job not durable until it is committed.
-    fn write_content(&mut self, seq: u64, updated_ms: u64, body: &[u8]) {
-        self.batch.push(put_content(seq, updated_ms, body));
-        self.overlay.entry(seq).or_default().batch_gen = self.batch_gen;
+    /// Whether anything waits to be committed.
+    fn has_writes(&self) -> bool {
+        !self.retained.is_empty()
+            || !self.ops.is_empty()
+            || self.ledger.has_changes()
+            || self.state.next_seq() != self.next_seq_written
     }
+
+    /// Every write since the last take, in order, for one commit.
+    fn take_writes(&mut self) -> Vec<Op> {
+        let mut ops = std::mem::take(&mut self.retained);
+        ops.extend(self.ledger.take());
+        ops.append(&mut self.ops);
+        if self.state.next_seq() != self.next_seq_written {
+            self.next_seq_written = self.state.next_seq();
+            ops.push(put_next_seq(self.next_seq_written));
+        }
+        ops
+    }
+}
+
+/// Converts jobs stored in the layout of earlier versions (one key pair per job) to records,
+/// committing every few thousand so that a large old queue converts in bounded memory. Each
+/// commit writes the new entries and deletes the old keys together: a crash midway leaves
+/// every job in exactly one layout.
+fn migrate_v1(
+    store: &Store,
+    committer: &mut store::Committer,
+    state: &mut State,
+    ledger: &mut Ledger,
+    announced: &mut Vec<Arc<str>>,
+    now: u64,
+) -> Result<u64, StoreError> {
+    let mut migrated = 0;
+    let mut ops = store.v1_dead_bodies()?;
+    let mut jobs = store.v1_jobs().peekable();
+    while jobs.peek().is_some() || !ops.is_empty() {
+        for item in jobs.by_ref().take(4096) {
+            let (seq, header, updated_ms, body) = item?;
+            let entry = EntryRef {
+                seq,
+                enqueued_ms: header.enqueued_ms,
+                updated_ms,
+                attempts: header.attempts,
+                next_attempt_ms: header.next_attempt_ms,
+                first_failure_ms: header.first_failure_ms,
+                message_id: &header.message_id,
+                account_id: &header.account_id,
+                body_len: body.len() as u32,
+            };
+            let loc = ledger.append(&entry, &body);
+            ops.extend(store::v1_deletes(seq));
+            let restored = state.restore(
+                &header.message_id,
+                &header.account_id,
+                seq,
+                header.next_attempt_ms,
+                state::Stored {
+                    loc: Some(loc),
+                    enqueued_ms: header.enqueued_ms,
+                    attempts: header.attempts,
+                    first_failure_ms: header.first_failure_ms,
+                },
+                now,
+            );
+            announced.extend(restored.announce);
+            if let Some((_, Some(loser))) = restored.superseded {
+                ledger.done(loser);
+            }
+            migrated += 1;
+        }
+        let mut batch = ledger.take();
+        batch.append(&mut ops);
+        batch.push(put_next_seq(state.next_seq()));
+        committer.commit(&batch)?;
+    }
+    if migrated > 0 {
+        tracing::info!(jobs = migrated, "converted the queue to the record layout");
+    }
+    Ok(migrated)
 }
 
 impl Shared {
@@ -488,6 +590,8 @@ pub async fn wait(commit: Commit) -> Result<(), String> {
         .unwrap_or_else(|_| Err("the storage writer stopped".into()))
 }
 
+#[cfg(test)]
+mod ledger_tests;
 #[cfg(test)]
 mod model_tests;
 #[cfg(test)]

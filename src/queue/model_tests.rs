@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 
-use super::state::{Claim, Placed, State};
+use super::state::{Claim, Placed, State, Stored};
 
 const MESSAGES: usize = 4;
 const ACCOUNTS: usize = 2;
@@ -323,8 +323,14 @@ impl Harness {
         let claim = self.state.claim(&account_name(account));
         let expected = ready.first().map(|&(seq, message)| Claim {
             seq,
-            message: Arc::from(message_name(message)),
+            message: self.state.key(&message_name(message)),
+            stored: Stored::default(),
             more: ready.len() > 1,
+        });
+        // Where the job is stored is the ledger's business, not the index's.
+        let claim = claim.map(|c| Claim {
+            stored: Stored::default(),
+            ..c
         });
         assert_eq!(
             claim, expected,
@@ -372,6 +378,7 @@ impl Harness {
             due_ms,
             self.model.now_ms,
             true,
+            Stored::default(),
         );
         let slot = &mut self.model.messages[message];
         slot.in_flight = None;
@@ -400,13 +407,15 @@ impl Harness {
         let mut announces = Vec::new();
         let mut expected = [Message::default(); MESSAGES];
         for &(message, job) in &stored {
-            let (superseded, announce) = state.restore(
+            let restored = state.restore(
                 &message_name(message),
                 &account_name(job.account),
                 job.seq,
                 job.due_ms,
+                Stored::default(),
                 model.now_ms,
             );
+            let (superseded, announce) = (restored.superseded.map(|(seq, _)| seq), restored.announce);
             announces.extend(announce);
             // Jobs come in id order, so a second job of a message is the newer one and wins.
             let older = expected[message].pending.map(|p| p.job.seq);

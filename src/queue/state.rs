@@ -1,5 +1,5 @@
 //! The queue's in-memory index: which job is pending or in flight for each message, each
-//! account's line of ready jobs, and the timer wheel of jobs waiting for a retry. Pure data and
+//! account's line of ready jobs, and the timer set of jobs waiting for a retry. Pure data and
 //! decisions, no I/O: `queue::mod` persists what these decisions change, and the property test
 //! drives this state machine against a simple model.
 //!
@@ -10,33 +10,108 @@
 //! - blocked: in neither, because the message's previous job is still in flight. It moves to
 //!   `ready` or `delayed` when that job finishes.
 //!
+//! # Memory
+//! The index is what a million pending edits cost in memory, so it is kept small: about 80
+//! bytes a message in a slab allocated in fixed chunks (no doubling copies), 4 bytes in a hash
+//! table, and about 25 in its account's ready line. Messages are known by a 128-bit key, two
+//! independently keyed SipHash-1-3 hashes of the message id (random keys per process), not by
+//! the id itself: ids may be 256 bytes long, and the id is in the job's stored entry whenever
+//! it is needed. Two live messages would share a key with a probability of about `n² / 2¹²⁹`
+//! (10⁻²⁷ for a million), and nobody can aim at it without the process's keys. Accounts are
+//! interned once each.
+//!
 //! **Invariant:** `pending`, `in_flight` and the sizes of the sets above always agree; the tests
 //! check it after every step.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
-/// Where a message stands.
-#[derive(Debug)]
-struct Slot {
-    account: Arc<str>,
-    message: Arc<str>,
-    pending: Option<PendingJob>,
-    in_flight: Option<u64>,
+use hashbrown::HashTable;
+
+use super::ledger::Loc;
+
+/// A message's identity in the index (see the module documentation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct MessageKey([u64; 2]);
+
+/// What the index keeps of a pending job's stored state, so that a coalesced edit or a retry
+/// can write the job's new entry without reading the old one back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stored {
+    /// Where its current entry is; `None` only between `enqueue` and `set_loc`.
+    pub loc: Option<Loc>,
+    pub enqueued_ms: u64,
+    pub attempts: u32,
+    pub first_failure_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy)]
+/// A pending job, packed (`Stored` with its options folded into sentinel values: record 0 and
+/// time 0 never occur).
+#[derive(Debug, Clone, Copy, Default)]
 struct PendingJob {
+    /// 0: no pending job.
     seq: u64,
     due_ms: u64,
+    record: u64,
+    enqueued_ms: u64,
+    first_failure_ms: u64,
+    index: u32,
+    attempts: u32,
     /// Its current content was sent and failed transiently (it waits for a retry).
     failed: bool,
 }
 
+impl PendingJob {
+    fn new(seq: u64, due_ms: u64, failed: bool, stored: Stored) -> PendingJob {
+        PendingJob {
+            seq,
+            due_ms,
+            record: stored.loc.map_or(0, |l| l.record),
+            index: stored.loc.map_or(0, |l| l.index),
+            enqueued_ms: stored.enqueued_ms,
+            attempts: stored.attempts,
+            first_failure_ms: stored.first_failure_ms.unwrap_or(0),
+            failed,
+        }
+    }
+
+    fn stored(&self) -> Stored {
+        Stored {
+            loc: (self.record != 0).then_some(Loc {
+                record: self.record,
+                index: self.index,
+            }),
+            enqueued_ms: self.enqueued_ms,
+            attempts: self.attempts,
+            first_failure_ms: (self.first_failure_ms != 0).then_some(self.first_failure_ms),
+        }
+    }
+
+    fn is_some(&self) -> bool {
+        self.seq != 0
+    }
+}
+
+/// Where a message stands.
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    key: MessageKey,
+    account: u32,
+    /// 0: nothing in flight.
+    in_flight: u64,
+    pending: PendingJob,
+}
+
+/// Slots are allocated in chunks of this many, so the slab never moves what it holds.
+const CHUNK: usize = 4096;
+
 #[derive(Debug, Default)]
 struct AccountLine {
-    /// Ready jobs of this account: job id → message id.
-    ready: BTreeMap<u64, Arc<str>>,
+    name: Arc<str>,
+    /// Ready jobs of this account: job id → slot.
+    ready: BTreeMap<u64, u32>,
     /// Whether the dispatcher has been told this account has ready work and not yet been
     /// told it ran out.
     announced: bool,
@@ -65,7 +140,8 @@ pub enum Placed {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     pub seq: u64,
-    pub message: Arc<str>,
+    pub message: MessageKey,
+    pub stored: Stored,
     /// Whether the account still has ready work after this claim.
     pub more: bool,
 }
@@ -79,6 +155,15 @@ pub struct Requeued {
     pub announce: Option<Arc<str>>,
 }
 
+/// What restoring a stored job did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    /// The job (id and entry) that lost to a newer job of the same message: the restored one
+    /// or the one already there.
+    pub superseded: Option<(u64, Option<Loc>)>,
+    pub announce: Option<Arc<str>>,
+}
+
 /// What finishing an in-flight job did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finished {
@@ -87,23 +172,58 @@ pub struct Finished {
 }
 
 /// The index. See the module documentation.
-#[derive(Debug, Default)]
 pub struct State {
-    slots: HashMap<Arc<str>, Slot>,
-    accounts: HashMap<Arc<str>, AccountLine>,
-    /// Jobs waiting for a retry time: (due ms, job id) → message id.
-    delayed: BTreeMap<(u64, u64), Arc<str>>,
+    hashers: [RandomState; 2],
+    /// Slot storage: chunks of `CHUNK`; free slots are listed in `free_slots`.
+    chunks: Vec<Box<[Slot]>>,
+    free_slots: Vec<u32>,
+    used_slots: u32,
+    /// Message key → slot number; hashed by the key's first half (already a keyed hash).
+    by_key: HashTable<u32>,
+    lines: Vec<Option<AccountLine>>,
+    free_lines: Vec<u32>,
+    line_of: HashMap<Arc<str>, u32>,
+    /// Jobs waiting for a retry time: (due ms, job id) → slot.
+    delayed: BTreeMap<(u64, u64), u32>,
     pending: u64,
     in_flight: u64,
     next_seq: u64,
 }
 
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("pending", &self.pending)
+            .field("in_flight", &self.in_flight)
+            .field("next_seq", &self.next_seq)
+            .finish_non_exhaustive()
+    }
+}
+
 impl State {
     pub fn new(next_seq: u64) -> State {
         State {
+            hashers: [RandomState::new(), RandomState::new()],
+            chunks: Vec::new(),
+            free_slots: Vec::new(),
+            used_slots: 0,
+            by_key: HashTable::new(),
+            lines: Vec::new(),
+            free_lines: Vec::new(),
+            line_of: HashMap::new(),
+            delayed: BTreeMap::new(),
+            pending: 0,
+            in_flight: 0,
             next_seq: next_seq.max(1),
-            ..State::default()
         }
+    }
+
+    /// The key the index knows `message` by.
+    pub fn key(&self, message: &str) -> MessageKey {
+        MessageKey([
+            self.hashers[0].hash_one(message),
+            self.hashers[1].hash_one(message),
+        ])
     }
 
     pub fn pending(&self) -> u64 {
@@ -118,16 +238,17 @@ impl State {
     /// Accounts with any pending or in-flight job.
     pub fn accounts(&self) -> usize {
         // Lines kept only for the dispatcher's ring (no message names them) do not count.
-        self.accounts.values().filter(|line| line.slots > 0).count()
+        self.lines.iter().flatten().filter(|l| l.slots > 0).count()
     }
 
     /// The `n` accounts with the most ready jobs, largest first.
     pub fn top_accounts(&self, n: usize) -> Vec<(Arc<str>, usize)> {
         let mut all: Vec<(Arc<str>, usize)> = self
-            .accounts
+            .lines
             .iter()
-            .filter(|(_, line)| line.slots > 0)
-            .map(|(account, line)| (account.clone(), line.ready.len()))
+            .flatten()
+            .filter(|line| line.slots > 0)
+            .map(|line| (line.name.clone(), line.ready.len()))
             .collect();
         if all.len() > n {
             all.select_nth_unstable_by(n, |a, b| b.1.cmp(&a.1));
@@ -137,31 +258,139 @@ impl State {
         all
     }
 
+    // ---- slots ----
+
+    fn slot(&self, n: u32) -> &Slot {
+        &self.chunks[n as usize / CHUNK][n as usize % CHUNK]
+    }
+
+    fn slot_mut(&mut self, n: u32) -> &mut Slot {
+        &mut self.chunks[n as usize / CHUNK][n as usize % CHUNK]
+    }
+
+    fn find(&self, key: MessageKey) -> Option<u32> {
+        self.by_key
+            .find(key.0[0], |&n| self.slot(n).key == key)
+            .copied()
+    }
+
+    fn find_str(&self, message: &str) -> Option<u32> {
+        self.find(self.key(message))
+    }
+
+    fn new_slot(&mut self, key: MessageKey, account: u32) -> u32 {
+        let n = match self.free_slots.pop() {
+            Some(n) => n,
+            None => {
+                let n = self.used_slots;
+                if n as usize == self.chunks.len() * CHUNK {
+                    self.chunks
+                        .push(vec![Slot::default(); CHUNK].into_boxed_slice());
+                }
+                self.used_slots += 1;
+                n
+            }
+        };
+        *self.slot_mut(n) = Slot {
+            key,
+            account,
+            in_flight: 0,
+            pending: PendingJob::default(),
+        };
+        let chunks = &self.chunks;
+        self.by_key.insert_unique(key.0[0], n, |&m| {
+            chunks[m as usize / CHUNK][m as usize % CHUNK].key.0[0]
+        });
+        n
+    }
+
+    fn remove_slot(&mut self, n: u32) {
+        let slot = *self.slot(n);
+        if let Ok(entry) = self.by_key.find_entry(slot.key.0[0], |&m| m == n) {
+            entry.remove();
+        }
+        self.free_slots.push(n);
+        // Give memory back once the slots at the end of the slab are all free: a drained
+        // backlog does not keep its peak.
+        self.shrink_slots();
+        self.release_line(slot.account);
+    }
+
+    fn shrink_slots(&mut self) {
+        if self.free_slots.len() as u32 != self.used_slots || self.used_slots == 0 {
+            return;
+        }
+        self.free_slots = Vec::new();
+        self.chunks = Vec::new();
+        self.used_slots = 0;
+        self.by_key = HashTable::new();
+    }
+
+    // ---- accounts ----
+
+    fn line(&self, n: u32) -> &AccountLine {
+        self.lines[n as usize].as_ref().expect("live account line")
+    }
+
+    fn line_mut(&mut self, n: u32) -> &mut AccountLine {
+        self.lines[n as usize].as_mut().expect("live account line")
+    }
+
+    fn line_id(&mut self, account: &str) -> u32 {
+        if let Some(&n) = self.line_of.get(account) {
+            return n;
+        }
+        let name: Arc<str> = Arc::from(account);
+        let line = AccountLine {
+            name: name.clone(),
+            ..AccountLine::default()
+        };
+        let n = match self.free_lines.pop() {
+            Some(n) => {
+                self.lines[n as usize] = Some(line);
+                n
+            }
+            None => {
+                self.lines.push(Some(line));
+                (self.lines.len() - 1) as u32
+            }
+        };
+        self.line_of.insert(name, n);
+        n
+    }
+
+    fn drop_line(&mut self, n: u32) {
+        if let Some(line) = self.lines[n as usize].take() {
+            self.line_of.remove(&line.name);
+            self.free_lines.push(n);
+        }
+    }
+
+    // ---- queries ----
+
     /// The pending job of a message, if any.
     pub fn pending_of(&self, message: &str) -> Option<u64> {
-        self.slots
-            .get(message)
-            .and_then(|s| s.pending.map(|p| p.seq))
+        let slot = self.slot(self.find_str(message)?);
+        slot.pending.is_some().then_some(slot.pending.seq)
     }
     /// The in-flight job of a message, if any.
     pub fn in_flight_of(&self, message: &str) -> Option<u64> {
-        self.slots.get(message).and_then(|s| s.in_flight)
+        let slot = self.slot(self.find_str(message)?);
+        (slot.in_flight != 0).then_some(slot.in_flight)
     }
     /// Whether the message's pending job `seq` is waiting for a retry time.
     pub fn is_waiting(&self, message: &str, seq: u64) -> bool {
-        self.slots
-            .get(message)
-            .and_then(|s| s.pending)
-            .is_some_and(|p| p.seq == seq && self.delayed.contains_key(&(p.due_ms, seq)))
+        self.find_str(message).is_some_and(|n| {
+            let p = self.slot(n).pending;
+            p.is_some() && p.seq == seq && self.delayed.contains_key(&(p.due_ms, seq))
+        })
     }
 
     /// Whether the message's pending job holds content that already failed once (so that a
     /// newer edit replacing it supersedes an edit waiting for its retry).
     pub fn pending_failed(&self, message: &str) -> bool {
-        self.slots
-            .get(message)
-            .and_then(|s| s.pending)
-            .is_some_and(|p| p.failed)
+        self.find_str(message)
+            .is_some_and(|n| self.slot(n).pending.is_some() && self.slot(n).pending.failed)
     }
 
     /// Whether a new edit of `message` would add a pending job (rather than coalesce).
@@ -169,16 +398,41 @@ impl State {
         self.pending_of(message).is_none()
     }
 
+    /// The pending job of `message`: its id, retry time and stored state.
+    pub fn pending_job(&self, message: &str) -> Option<(u64, u64, Stored)> {
+        let pending = self.slot(self.find_str(message)?).pending;
+        pending
+            .is_some()
+            .then(|| (pending.seq, pending.due_ms, pending.stored()))
+    }
+
+    /// Records where the pending job of `message` is now stored; returns where it was.
+    pub fn set_loc(&mut self, message: &str, loc: Loc) -> Option<Loc> {
+        let n = self.find_str(message)?;
+        let pending = &mut self.slot_mut(n).pending;
+        if !pending.is_some() {
+            return None;
+        }
+        let old = pending.stored().loc;
+        pending.record = loc.record;
+        pending.index = loc.index;
+        old
+    }
+
+    // ---- transitions ----
+
     /// Records an edit of `message` for `account`: coalesces into the pending job if there is
     /// one, else creates a pending job with a fresh id.
     pub fn enqueue(&mut self, message: &str, account: &str, now_ms: u64) -> Placed {
-        if let Some(slot) = self.slots.get_mut(message) {
-            if let Some(pending) = slot.pending.as_mut() {
+        let key = self.key(message);
+        if let Some(n) = self.find(key) {
+            let slot = *self.slot(n);
+            if slot.pending.is_some() {
                 // New content: whatever failed before is not what will be sent next.
-                pending.failed = false;
-                let pending = *pending;
-                let old_account = slot.account.clone();
-                if &*old_account == account {
+                self.slot_mut(n).pending.failed = false;
+                let pending = self.slot(n).pending;
+                let old_line = slot.account;
+                if &*self.line(old_line).name == account {
                     return Placed::Coalesced {
                         seq: pending.seq,
                         moved_from: None,
@@ -187,29 +441,34 @@ impl State {
                 }
                 // The producer names another account for the same message: the pending job
                 // moves to that account's line, keeping its id and so its place.
-                let message_key = slot.message.clone();
-                self.unplace(&message_key, pending);
-                let account_key = self.account_key(account);
-                self.accounts.get_mut(&account_key).expect("line").slots += 1;
-                let slot = self.slots.get_mut(message).expect("slot exists");
-                slot.account = account_key;
-                self.release_account(&old_account);
-                let announce = self.place(&message_key, pending, now_ms);
+                let old_name = self.line(old_line).name.clone();
+                self.unplace(n);
+                let line = self.line_id(account);
+                self.line_mut(line).slots += 1;
+                self.slot_mut(n).account = line;
+                self.release_line(old_line);
+                let announce = self.place(n, now_ms);
                 return Placed::Coalesced {
                     seq: pending.seq,
-                    moved_from: Some(old_account),
+                    moved_from: Some(old_name),
                     announce,
                 };
             }
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        let announce = self.insert_pending(message, account, seq, 0, now_ms);
+        let stored = Stored {
+            loc: None,
+            enqueued_ms: now_ms,
+            attempts: 0,
+            first_failure_ms: None,
+        };
+        let announce = self.insert_pending(key, account, seq, 0, stored, now_ms);
         Placed::New { seq, announce }
     }
 
     /// Adds a pending job recovered from disk or restored from the dead letters. If the message
-    /// already has a pending job, the one with the higher id wins and the other id is returned
+    /// already has a pending job, the one with the higher id wins and the other is returned
     /// as superseded.
     pub fn restore(
         &mut self,
@@ -217,43 +476,51 @@ impl State {
         account: &str,
         seq: u64,
         due_ms: u64,
+        stored: Stored,
         now_ms: u64,
-    ) -> (Option<u64>, Option<Arc<str>>) {
+    ) -> Restored {
         self.next_seq = self.next_seq.max(seq + 1);
-        if let Some(existing) = self.pending_of(message) {
-            if existing > seq {
-                return (Some(seq), None);
+        let key = self.key(message);
+        if let Some(n) = self.find(key) {
+            let existing = self.slot(n).pending;
+            if existing.is_some() {
+                if existing.seq > seq {
+                    return Restored {
+                        superseded: Some((seq, stored.loc)),
+                        announce: None,
+                    };
+                }
+                self.unplace(n);
+                self.slot_mut(n).pending = PendingJob::default();
+                self.pending -= 1;
+                let announce = self.insert_pending(key, account, seq, due_ms, stored, now_ms);
+                return Restored {
+                    superseded: Some((existing.seq, existing.stored().loc)),
+                    announce,
+                };
             }
-            let message_key = self.slots[message].message.clone();
-            let pending = self.slots[message].pending.expect("pending");
-            self.unplace(&message_key, pending);
-            let slot = self.slots.get_mut(message).expect("slot");
-            slot.pending = None;
-            self.pending -= 1;
-            let announce = self.insert_pending(message, account, seq, due_ms, now_ms);
-            return (Some(existing), announce);
         }
-        (
-            None,
-            self.insert_pending(message, account, seq, due_ms, now_ms),
-        )
+        Restored {
+            superseded: None,
+            announce: self.insert_pending(key, account, seq, due_ms, stored, now_ms),
+        }
     }
 
     /// The oldest ready job of `account`, without claiming it.
     pub fn peek_ready(&self, account: &str) -> Option<u64> {
-        self.accounts
-            .get(account)
-            .and_then(|line| line.ready.keys().next().copied())
+        let &line = self.line_of.get(account)?;
+        self.line(line).ready.keys().next().copied()
     }
 
     /// Takes the oldest ready job of `account`, marking it in flight.
     pub fn claim(&mut self, account: &str) -> Option<Claim> {
-        let line = self.accounts.get_mut(account)?;
-        let Some((seq, message)) = line.ready.pop_first() else {
+        let &line_id = self.line_of.get(account)?;
+        let line = self.line_mut(line_id);
+        let Some((seq, n)) = line.ready.pop_first() else {
             line.announced = false;
             if line.slots == 0 {
-                // Kept only while the dispatcher held it in its ring (see release_account).
-                self.accounts.remove(account);
+                // Kept only while the dispatcher held it in its ring (see release_line).
+                self.drop_line(line_id);
             }
             return None;
         };
@@ -261,42 +528,61 @@ impl State {
         if !more {
             line.announced = false;
         }
-        let slot = self.slots.get_mut(&message).expect("ready job has a slot");
-        debug_assert!(slot.in_flight.is_none());
-        debug_assert_eq!(slot.pending.map(|p| p.seq), Some(seq));
-        slot.pending = None;
-        slot.in_flight = Some(seq);
+        let slot = self.slot_mut(n);
+        debug_assert_eq!(slot.in_flight, 0);
+        debug_assert_eq!(slot.pending.seq, seq);
+        let pending = std::mem::take(&mut slot.pending);
+        slot.in_flight = seq;
+        let key = slot.key;
         self.pending -= 1;
         self.in_flight += 1;
-        Some(Claim { seq, message, more })
+        Some(Claim {
+            seq,
+            message: key,
+            stored: pending.stored(),
+            more,
+        })
     }
 
     /// The in-flight job `seq` of `message` is done (delivered, dead-lettered or dropped).
     pub fn finish(&mut self, message: &str, seq: u64, now_ms: u64) -> Finished {
-        let Some(slot) = self.slots.get_mut(message) else {
+        self.finish_key(self.key(message), seq, now_ms)
+    }
+
+    /// [`State::finish`] by key.
+    pub fn finish_key(&mut self, message: MessageKey, seq: u64, now_ms: u64) -> Finished {
+        let Some(n) = self.find(message) else {
             return Finished { announce: None };
         };
-        if slot.in_flight != Some(seq) {
+        let slot = self.slot_mut(n);
+        if slot.in_flight != seq || seq == 0 {
             return Finished { announce: None };
         }
-        slot.in_flight = None;
+        slot.in_flight = 0;
+        let has_pending = slot.pending.is_some();
         self.in_flight -= 1;
-        let announce = match slot.pending {
-            Some(pending) => {
-                let message_key = slot.message.clone();
-                self.place(&message_key, pending, now_ms)
-            }
-            None => {
-                self.remove_slot(message);
-                None
-            }
+        let announce = if has_pending {
+            self.place(n, now_ms)
+        } else {
+            self.remove_slot(n);
+            None
         };
         Finished { announce }
     }
 
+    /// Whether the message's in-flight job is `seq` and a newer pending job would supersede
+    /// it if it were put back.
+    pub fn would_supersede(&self, message: &str, seq: u64) -> bool {
+        self.find_str(message).is_some_and(|n| {
+            let slot = self.slot(n);
+            slot.in_flight == seq && slot.pending.is_some()
+        })
+    }
+
     /// The in-flight job `seq` goes back to pending, due at `due_ms` (`failed`: its content
-    /// was sent and failed), unless the message has a newer pending job: then it is superseded
-    /// and finished instead. `None` when `seq` is not the message's in-flight job.
+    /// was sent and failed) with its stored state now `stored`, unless the message has a newer
+    /// pending job: then it is superseded and finished instead. `None` when `seq` is not the
+    /// message's in-flight job.
     pub fn requeue(
         &mut self,
         message: &str,
@@ -304,30 +590,40 @@ impl State {
         due_ms: u64,
         now_ms: u64,
         failed: bool,
+        stored: Stored,
     ) -> Option<Requeued> {
-        let slot = self.slots.get_mut(message)?;
-        if slot.in_flight != Some(seq) {
+        self.requeue_key(self.key(message), seq, due_ms, now_ms, failed, stored)
+    }
+
+    /// [`State::requeue`] by key.
+    pub fn requeue_key(
+        &mut self,
+        message: MessageKey,
+        seq: u64,
+        due_ms: u64,
+        now_ms: u64,
+        failed: bool,
+        stored: Stored,
+    ) -> Option<Requeued> {
+        let n = self.find(message)?;
+        let slot = *self.slot(n);
+        if slot.in_flight != seq || seq == 0 {
             return None;
         }
         if slot.pending.is_some() {
             // The newer pending job may become ready now: pass its announcement on.
-            let finished = self.finish(message, seq, now_ms);
+            let finished = self.finish_key(message, seq, now_ms);
             return Some(Requeued {
                 superseded: true,
                 announce: finished.announce,
             });
         }
-        slot.in_flight = None;
+        let slot = self.slot_mut(n);
+        slot.in_flight = 0;
+        slot.pending = PendingJob::new(seq, due_ms, failed, stored);
         self.in_flight -= 1;
-        let pending = PendingJob {
-            seq,
-            due_ms,
-            failed,
-        };
-        slot.pending = Some(pending);
         self.pending += 1;
-        let message_key = slot.message.clone();
-        let announce = self.place(&message_key, pending, now_ms);
+        let announce = self.place(n, now_ms);
         Some(Requeued {
             superseded: false,
             announce,
@@ -348,173 +644,142 @@ impl State {
             if due > now_ms {
                 break;
             }
-            let message = entry.remove();
-            let slot = self.slots.get(&message).expect("delayed job has a slot");
-            let account = slot.account.clone();
-            if let Some(a) = self.make_ready(&account, seq, message) {
+            let n = entry.remove();
+            let line = self.slot(n).account;
+            if let Some(a) = self.make_ready(line, seq, n) {
                 announce.push(a);
             }
         }
         announce
     }
 
-    fn account_key(&mut self, account: &str) -> Arc<str> {
-        match self.accounts.get_key_value(account) {
-            Some((key, _)) => key.clone(),
-            None => {
-                let key: Arc<str> = Arc::from(account);
-                self.accounts.insert(key.clone(), AccountLine::default());
-                key
-            }
-        }
-    }
-
     fn insert_pending(
         &mut self,
-        message: &str,
+        key: MessageKey,
         account: &str,
         seq: u64,
         due_ms: u64,
+        stored: Stored,
         now_ms: u64,
     ) -> Option<Arc<str>> {
-        let account_key = self.account_key(account);
-        let pending = PendingJob {
-            seq,
-            due_ms,
-            failed: false,
-        };
-        let mut released = None;
-        let message_key = match self.slots.get_mut(message) {
-            Some(slot) => {
-                debug_assert!(slot.pending.is_none());
-                if slot.account != account_key {
+        let line = self.line_id(account);
+        let pending = PendingJob::new(seq, due_ms, false, stored);
+        let n = match self.find(key) {
+            Some(n) => {
+                debug_assert!(!self.slot(n).pending.is_some());
+                let old = self.slot(n).account;
+                self.slot_mut(n).pending = pending;
+                if old != line {
                     // Only possible while a job of this message is in flight for the old
                     // account; the new job belongs to the new one.
-                    let old = std::mem::replace(&mut slot.account, account_key.clone());
-                    slot.pending = Some(pending);
-                    self.accounts.get_mut(&account_key).expect("line").slots += 1;
-                    released = Some(old);
-                    self.slots[message].message.clone()
-                } else {
-                    slot.pending = Some(pending);
-                    slot.message.clone()
+                    self.slot_mut(n).account = line;
+                    self.line_mut(line).slots += 1;
+                    self.pending += 1;
+                    self.release_line(old);
+                    return self.place(n, now_ms);
                 }
+                n
             }
             None => {
-                let message_key: Arc<str> = Arc::from(message);
-                self.accounts.get_mut(&account_key).expect("line").slots += 1;
-                self.slots.insert(
-                    message_key.clone(),
-                    Slot {
-                        account: account_key,
-                        message: message_key.clone(),
-                        pending: Some(pending),
-                        in_flight: None,
-                    },
-                );
-                message_key
+                self.line_mut(line).slots += 1;
+                let n = self.new_slot(key, line);
+                self.slot_mut(n).pending = pending;
+                n
             }
         };
         self.pending += 1;
-        if let Some(old) = released {
-            self.release_account(&old);
-        }
-        self.place(&message_key, pending, now_ms)
+        self.place(n, now_ms)
     }
 
-    /// Puts a pending job where it belongs: blocked, delayed or ready.
-    fn place(&mut self, message: &Arc<str>, pending: PendingJob, now_ms: u64) -> Option<Arc<str>> {
-        let slot = &self.slots[message];
-        if slot.in_flight.is_some() {
+    /// Puts a slot's pending job where it belongs: blocked, delayed or ready.
+    fn place(&mut self, n: u32, now_ms: u64) -> Option<Arc<str>> {
+        let slot = *self.slot(n);
+        if slot.in_flight != 0 {
             return None; // blocked until the in-flight job finishes
         }
-        if pending.due_ms > now_ms {
+        if slot.pending.due_ms > now_ms {
             self.delayed
-                .insert((pending.due_ms, pending.seq), message.clone());
+                .insert((slot.pending.due_ms, slot.pending.seq), n);
             return None;
         }
-        let account = slot.account.clone();
-        self.make_ready(&account, pending.seq, message.clone())
+        self.make_ready(slot.account, slot.pending.seq, n)
     }
 
-    /// Takes a pending job out of `ready` or `delayed`.
-    fn unplace(&mut self, message: &Arc<str>, pending: PendingJob) {
+    /// Takes a slot's pending job out of `ready` or `delayed`.
+    fn unplace(&mut self, n: u32) {
+        let slot = *self.slot(n);
+        let pending = slot.pending;
         if self
             .delayed
             .remove(&(pending.due_ms, pending.seq))
             .is_none()
         {
-            let account = self.slots[message].account.clone();
-            if let Some(line) = self.accounts.get_mut(&account) {
+            if let Some(Some(line)) = self.lines.get_mut(slot.account as usize) {
                 line.ready.remove(&pending.seq);
             }
         }
     }
 
-    fn make_ready(&mut self, account: &Arc<str>, seq: u64, message: Arc<str>) -> Option<Arc<str>> {
-        let line = self.accounts.entry(account.clone()).or_default();
-        line.ready.insert(seq, message);
+    fn make_ready(&mut self, line_id: u32, seq: u64, n: u32) -> Option<Arc<str>> {
+        let line = self.line_mut(line_id);
+        line.ready.insert(seq, n);
         if line.announced {
             None
         } else {
             line.announced = true;
-            Some(account.clone())
+            Some(line.name.clone())
         }
     }
 
-    fn remove_slot(&mut self, message: &str) {
-        if let Some(slot) = self.slots.remove(message) {
-            self.release_account(&slot.account);
-        }
-    }
-
-    /// One slot less names `account`; its line is forgotten once none does, so memory follows
-    /// the accounts with work, not every account ever seen.
-    fn release_account(&mut self, account: &Arc<str>) {
-        if let Some(line) = self.accounts.get_mut(account) {
-            line.slots -= 1;
-            // A line the dispatcher still holds in its ring (announced) stays until a claim
-            // finds it empty; dropping it now would announce the account twice if it got work
-            // again meanwhile.
-            if line.slots == 0 && !line.announced {
-                debug_assert!(line.ready.is_empty());
-                self.accounts.remove(account);
-            }
+    /// One slot less names account line `n`; the line is forgotten once none does, so memory
+    /// follows the accounts with work, not every account ever seen.
+    fn release_line(&mut self, n: u32) {
+        let line = self.line_mut(n);
+        line.slots -= 1;
+        // A line the dispatcher still holds in its ring (announced) stays until a claim
+        // finds it empty; dropping it now would announce the account twice if it got work
+        // again meanwhile.
+        if line.slots == 0 && !line.announced {
+            debug_assert!(line.ready.is_empty());
+            self.drop_line(n);
         }
     }
 
     /// Checks the counters against the structure (tests only; O(n)).
     #[cfg(test)]
     pub fn check(&self) {
-        let pending = self.slots.values().filter(|s| s.pending.is_some()).count() as u64;
-        let in_flight = self
-            .slots
-            .values()
-            .filter(|s| s.in_flight.is_some())
-            .count() as u64;
+        let free: std::collections::HashSet<u32> = self.free_slots.iter().copied().collect();
+        let live: Vec<(u32, Slot)> = (0..self.used_slots)
+            .filter(|n| !free.contains(n))
+            .map(|n| (n, *self.slot(n)))
+            .collect();
+        assert_eq!(live.len(), self.by_key.len(), "hash table and slab agree");
+        for (n, slot) in &live {
+            assert_eq!(self.find(slot.key), Some(*n), "slot {n} is found by its key");
+        }
+        let pending = live.iter().filter(|(_, s)| s.pending.is_some()).count() as u64;
+        let in_flight = live.iter().filter(|(_, s)| s.in_flight != 0).count() as u64;
         assert_eq!(pending, self.pending);
         assert_eq!(in_flight, self.in_flight);
-        let ready: usize = self.accounts.values().map(|l| l.ready.len()).sum();
-        let blocked = self
-            .slots
-            .values()
-            .filter(|s| s.pending.is_some() && s.in_flight.is_some())
+        let ready: usize = self.lines.iter().flatten().map(|l| l.ready.len()).sum();
+        let blocked = live
+            .iter()
+            .filter(|(_, s)| s.pending.is_some() && s.in_flight != 0)
             .count();
-        assert_eq!(ready + self.delayed.len() + blocked, pending as usize);
-        for slot in self.slots.values() {
-            assert!(slot.pending.is_some() || slot.in_flight.is_some());
+        assert_eq!(ready + self.delayed.len(), pending as usize - blocked);
+        for (_, slot) in &live {
+            assert!(slot.pending.is_some() || slot.in_flight != 0);
         }
-        for (account, line) in &self.accounts {
-            let naming = self
-                .slots
-                .values()
-                .filter(|s| &s.account == account)
-                .count();
-            assert_eq!(line.slots, naming, "slot count of {account}");
+        for (id, line) in self.lines.iter().enumerate() {
+            let Some(line) = line else { continue };
+            let naming = live.iter().filter(|(_, s)| s.account as usize == id).count();
+            assert_eq!(line.slots, naming, "slot count of {}", line.name);
             assert!(
                 line.slots > 0 || line.announced,
-                "idle line of {account} kept"
+                "idle line of {} kept",
+                line.name
             );
+            assert_eq!(self.line_of.get(&line.name), Some(&(id as u32)));
         }
     }
 }
@@ -552,8 +817,9 @@ mod tests {
         state.enqueue("m1", "a", 0);
         state.enqueue("m2", "a", 0);
         state.enqueue("m1", "a", 0); // coalesced: keeps its place
-        assert_eq!(&*state.claim("a").unwrap().message, "m1");
-        assert_eq!(&*state.claim("a").unwrap().message, "m2");
+        let (m1, m2) = (state.key("m1"), state.key("m2"));
+        assert_eq!(state.claim("a").unwrap().message, m1);
+        assert_eq!(state.claim("a").unwrap().message, m2);
     }
 
     #[test]
@@ -563,7 +829,7 @@ mod tests {
         let claim = state.claim("a").unwrap();
         assert!(
             !state
-                .requeue("m", claim.seq, 1_000, 0, true)
+                .requeue("m", claim.seq, 1_000, 0, true, Stored::default())
                 .unwrap()
                 .superseded
         );
@@ -574,7 +840,7 @@ mod tests {
         state.enqueue("m", "a", 0);
         assert!(
             state
-                .requeue("m", claim.seq, 5_000, 0, true)
+                .requeue("m", claim.seq, 5_000, 0, true, Stored::default())
                 .unwrap()
                 .superseded,
             "superseded"
@@ -587,9 +853,14 @@ mod tests {
     #[test]
     fn restore_keeps_newest() {
         let mut state = State::new(1);
-        assert_eq!(state.restore("m", "a", 3, 0, 0).0, None);
-        assert_eq!(state.restore("m", "a", 7, 0, 0).0, Some(3));
-        assert_eq!(state.restore("m", "a", 5, 0, 0).0, Some(5));
+        let restore = |state: &mut State, seq| {
+            let stored = Stored::default();
+            let restored = state.restore("m", "a", seq, 0, stored, 0);
+            restored.superseded.map(|(seq, _)| seq)
+        };
+        assert_eq!(restore(&mut state, 3), None);
+        assert_eq!(restore(&mut state, 7), Some(3));
+        assert_eq!(restore(&mut state, 5), Some(5));
         assert_eq!(state.claim("a").unwrap().seq, 7);
         assert_eq!(state.next_seq(), 8);
         state.check();

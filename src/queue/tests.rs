@@ -102,6 +102,59 @@ async fn restart_recovers_pending_and_in_flight_keeping_newest() {
 }
 
 #[tokio::test]
+async fn converts_a_queue_of_the_earlier_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let header = |message: &str, account: &str| JobHeader {
+        message_id: message.into(),
+        account_id: account.into(),
+        enqueued_ms: 5,
+        attempts: 0,
+        next_attempt_ms: 0,
+        first_failure_ms: None,
+    };
+    let body = |text: &str| {
+        String::from_utf8(edit("x", "x", text).zoom_body()).expect("utf-8")
+    };
+    let (old, new, other, gone) = (body("old"), body("new"), body("other"), body("gone"));
+    let dead = DeadRecord {
+        header: header("m3", "a"),
+        dead_ms: 9,
+        reason: "rejected".into(),
+        status: Some(400),
+        zoom_code: None,
+        detail: "bad".into(),
+    };
+    store::write_v1(
+        dir.path(),
+        &[
+            (3, header("m1", "a"), old.as_str()),
+            (4, header("m2", "b"), other.as_str()),
+            (6, header("m1", "a"), new.as_str()),
+        ],
+        &[(5, dead, gone.as_str())],
+    )
+    .unwrap();
+    for round in 0..2 {
+        let (queue, _ready, recovery) = open(dir.path());
+        assert_eq!(recovery.pending, 2, "round {round}");
+        assert_eq!(recovery.dead, 1);
+        assert_eq!(recovery.migrated, if round == 0 { 3 } else { 0 });
+        tokio::task::spawn_blocking(move || queue.close())
+            .await
+            .unwrap();
+    }
+    let (queue, _ready, _) = open(dir.path());
+    assert_eq!(text_of(&queue.claim_now("a").unwrap()), "new");
+    assert_eq!(text_of(&queue.claim_now("b").unwrap()), "other");
+    let outcome = queue.dead_retry(&Selector::All).await.unwrap();
+    assert_eq!(outcome.affected, 1);
+    let retried = queue.claim_now("a").unwrap();
+    assert_eq!((retried.seq, text_of(&retried)), (5, "gone".to_string()));
+    let next = queue.enqueue(&edit("m9", "a", "fresh")).await.unwrap();
+    assert!(next.job_id > 6, "job ids are not reused");
+}
+
+#[tokio::test]
 async fn retry_state_and_dead_letters_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
     let due = now_ms() + 3_600_000;
@@ -196,4 +249,24 @@ async fn queue_full_refuses_new_messages_but_coalesces() {
             .unwrap()
             .coalesced
     );
+}
+
+#[tokio::test]
+async fn a_retried_job_is_claimed_again_with_its_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let (queue, _ready, _) = open(dir.path());
+    queue.enqueue(&edit("m1", "a", "v1")).await.unwrap();
+    let mut job = queue.claim_now("a").unwrap();
+    job.header.attempts = 1;
+    job.header.first_failure_ms = Some(now_ms());
+    job.header.next_attempt_ms = now_ms();
+    let (superseded, commit) = queue.retry_later(&job, true);
+    assert!(!superseded);
+    wait(commit).await.unwrap();
+    queue.promote_due(now_ms() + 1);
+    let again = queue.claim_now("a").expect("claimable again");
+    assert_eq!((again.seq, text_of(&again)), (job.seq, "v1".to_string()));
+    assert_eq!(again.header.attempts, 1);
+    wait(queue.complete(&again)).await.unwrap();
+    assert_eq!(queue.stats().pending, 0);
 }

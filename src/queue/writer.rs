@@ -15,7 +15,7 @@ pub(super) fn writer_loop(shared: &Shared, committer: Committer) {
         let (ops, waiters, taken_gen) = {
             let mut core = shared.lock();
             loop {
-                if !core.batch.is_empty() || !core.waiters.is_empty() {
+                if core.has_writes() || !core.waiters.is_empty() {
                     break;
                 }
                 if core.closing {
@@ -42,7 +42,7 @@ pub(super) fn writer_loop(shared: &Shared, committer: Committer) {
             let taken_gen = core.batch_gen;
             core.batch_gen += 1;
             (
-                std::mem::take(&mut core.batch),
+                core.take_writes(),
                 std::mem::take(&mut core.waiters),
                 taken_gen,
             )
@@ -74,7 +74,7 @@ pub(super) fn writer_loop(shared: &Shared, committer: Committer) {
                     let mut core = shared.lock();
                     // Committed: sled now has these versions. Newer writes (a later batch)
                     // keep their overlay entries.
-                    core.overlay.retain(|_, o| o.batch_gen > taken_gen);
+                    core.overlay.retain(|_, batch_gen| *batch_gen > taken_gen);
                     let was_low = core.space_low.is_some();
                     core.space_low = low_space(&shared.storage.path, shared.storage.min_free_bytes);
                     if let (false, Some(free)) = (was_low, core.space_low) {
@@ -101,14 +101,15 @@ pub(super) fn writer_loop(shared: &Shared, committer: Committer) {
                 tracing::error!(error = %message, writes = n_ops, "group commit failed; will retry");
                 shared.metrics.storage_failures.inc();
                 let mut core = shared.lock();
-                // Keep the failed writes ahead of anything queued since, in order.
-                let mut retained = ops;
-                retained.append(&mut core.batch);
-                core.batch = retained;
+                // Keep the failed writes ahead of anything queued since, in order: the next
+                // take puts `retained` first.
+                core.retained = ops;
                 core.failure = Some(message.clone());
                 if core.closing && failures >= 3 {
                     tracing::error!("giving up on uncommitted writes at shutdown");
-                    core.batch.clear();
+                    core.retained.clear();
+                    core.ops.clear();
+                    let _ = core.take_writes();
                 }
                 drop(core);
                 for waiter in waiters {
