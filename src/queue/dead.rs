@@ -66,14 +66,9 @@ impl Queue {
                     attempts: 0,
                     first_failure_ms: None,
                 };
-                let restored = core.state.restore(
-                    &header.message_id,
-                    &header.account_id,
-                    seq,
-                    0,
-                    stored,
-                    now,
-                );
+                let restored =
+                    core.state
+                        .restore(&header.message_id, &header.account_id, seq, 0, stored, now);
                 if let Some((_, Some(loser))) = restored.superseded {
                     core.ledger.done(loser);
                 }

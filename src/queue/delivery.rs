@@ -58,22 +58,23 @@ impl Queue {
         };
         // The job is in flight now and its entry is committed: nothing else retires that entry
         // until we finish the job, so its record is on disk as long as we read it.
-        let loc = claim.stored.loc.expect("a claimable job has a stored entry");
+        let loc = claim
+            .stored
+            .loc
+            .expect("a claimable job has a stored entry");
         let loaded = self
             .shared
             .store()
             .and_then(|store| store.load(loc.record, loc.index));
         match loaded {
-            Ok(Some(loaded)) if loaded.seq == claim.seq => {
-                Ok(Claimed::Job(Job {
-                    seq: claim.seq,
-                    header: loaded.header,
-                    updated_ms: loaded.updated_ms,
-                    body: loaded.body,
-                    more: claim.more,
-                    loc,
-                }))
-            }
+            Ok(Some(loaded)) if loaded.seq == claim.seq => Ok(Claimed::Job(Job {
+                seq: claim.seq,
+                header: loaded.header,
+                updated_ms: loaded.updated_ms,
+                body: loaded.body,
+                more: claim.more,
+                loc,
+            })),
             Ok(_) => {
                 let mut core = self.shared.lock();
                 let finished = core.state.finish_key(claim.message, claim.seq, now_ms());
@@ -213,7 +214,8 @@ impl Queue {
         };
         core.ledger.done(job.loc);
         core.ops.push(put_json(DEAD, job.seq, &record));
-        core.ops.push(put_dead_body(job.seq, job.updated_ms, &job.body));
+        core.ops
+            .push(put_dead_body(job.seq, job.updated_ms, &job.body));
         core.dead += 1;
         self.shared
             .metrics

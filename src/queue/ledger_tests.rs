@@ -76,7 +76,11 @@ impl Harness {
         if self.live.is_empty() {
             return false;
         }
-        let id = *self.live.keys().nth(pick % self.live.len()).expect("in range");
+        let id = *self
+            .live
+            .keys()
+            .nth(pick % self.live.len())
+            .expect("in range");
         let (loc, _) = self.live.remove(&id).expect("live");
         self.ledger.done(loc);
         true
@@ -98,7 +102,10 @@ impl Harness {
         let mut found = BTreeMap::new();
         for (k, headers) in self.disk.range(vec![HEADERS]..vec![HEADERS + 1]) {
             let record = u64::from_be_bytes(k[1..].try_into().unwrap());
-            let bodies = self.disk.get(&key(BODIES, record)).expect("bodies beside headers");
+            let bodies = self
+                .disk
+                .get(&key(BODIES, record))
+                .expect("bodies beside headers");
             let done = self.disk.get(&key(DONE, record)).map(Vec::as_slice);
             for (index, item) in entries(record, headers).enumerate() {
                 let (entry, offset) = item.expect("decodes");
@@ -125,13 +132,16 @@ impl Harness {
         let stored = self.stored();
         let ids: BTreeSet<u64> = stored.keys().copied().collect();
         let expected: BTreeSet<u64> = self.committed.keys().copied().collect();
-        assert_eq!(ids, expected, "the disk holds exactly the committed live entries");
+        assert_eq!(
+            ids, expected,
+            "the disk holds exactly the committed live entries"
+        );
         for (id, (_, body)) in &stored {
             assert_eq!(body, &body_of(*id, self.committed[id]), "body of {id}");
         }
         // No record without a live entry, no bitmap or bodies without headers.
         let records: BTreeSet<u64> = stored.values().map(|(loc, _)| loc.record).collect();
-        for (k, _) in &self.disk {
+        for k in self.disk.keys() {
             let record = u64::from_be_bytes(k[1..].try_into().unwrap());
             assert!(
                 records.contains(&record),

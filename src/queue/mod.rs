@@ -240,7 +240,14 @@ impl Queue {
         for loc in stale.drain(..) {
             ledger.done(loc);
         }
-        let migrated = migrate_v1(&store, &mut committer, &mut state, &mut ledger, &mut announced, now)?;
+        let migrated = migrate_v1(
+            &store,
+            &mut committer,
+            &mut state,
+            &mut ledger,
+            &mut announced,
+            now,
+        )?;
         let dead = store.count_dead()?;
         let recovery = Recovery {
             pending: state.pending(),

@@ -415,7 +415,8 @@ impl Harness {
                 Stored::default(),
                 model.now_ms,
             );
-            let (superseded, announce) = (restored.superseded.map(|(seq, _)| seq), restored.announce);
+            let (superseded, announce) =
+                (restored.superseded.map(|(seq, _)| seq), restored.announce);
             announces.extend(announce);
             // Jobs come in id order, so a second job of a message is the newer one and wins.
             let older = expected[message].pending.map(|p| p.job.seq);

@@ -755,7 +755,11 @@ impl State {
             .collect();
         assert_eq!(live.len(), self.by_key.len(), "hash table and slab agree");
         for (n, slot) in &live {
-            assert_eq!(self.find(slot.key), Some(*n), "slot {n} is found by its key");
+            assert_eq!(
+                self.find(slot.key),
+                Some(*n),
+                "slot {n} is found by its key"
+            );
         }
         let pending = live.iter().filter(|(_, s)| s.pending.is_some()).count() as u64;
         let in_flight = live.iter().filter(|(_, s)| s.in_flight != 0).count() as u64;
@@ -772,7 +776,10 @@ impl State {
         }
         for (id, line) in self.lines.iter().enumerate() {
             let Some(line) = line else { continue };
-            let naming = live.iter().filter(|(_, s)| s.account as usize == id).count();
+            let naming = live
+                .iter()
+                .filter(|(_, s)| s.account as usize == id)
+                .count();
             assert_eq!(line.slots, naming, "slot count of {}", line.name);
             assert!(
                 line.slots > 0 || line.announced,

@@ -413,9 +413,7 @@ impl Store {
         let Some(headers) = self.db.get(key(HEADERS, record))? else {
             return Ok(None);
         };
-        let Some((entry, offset)) = entries(record, &headers)
-            .nth(index as usize)
-            .transpose()?
+        let Some((entry, offset)) = entries(record, &headers).nth(index as usize).transpose()?
         else {
             return Ok(None);
         };
@@ -534,6 +532,34 @@ impl Store {
     }
 }
 
+/// Writes jobs and a dead letter in the layout of earlier versions, to test the conversion.
+#[cfg(test)]
+pub fn write_v1(
+    path: &Path,
+    jobs: &[(u64, JobHeader, &str)],
+    dead: &[(u64, DeadRecord, &str)],
+) -> Result<(), StoreError> {
+    let db = sled::open(path)?;
+    let content = |body: &str| [&7u64.to_be_bytes()[..], body.as_bytes()].concat();
+    for (seq, header, body) in jobs {
+        db.insert(key(V1_JOB, *seq), serde_json::to_vec(header).expect("json"))?;
+        db.insert(key(V1_CONTENT, *seq), content(body))?;
+    }
+    for (seq, record, body) in dead {
+        db.insert(key(DEAD, *seq), serde_json::to_vec(record).expect("json"))?;
+        db.insert(key(V1_CONTENT, *seq), content(body))?;
+    }
+    let last = jobs
+        .iter()
+        .map(|j| j.0)
+        .chain(dead.iter().map(|d| d.0))
+        .max();
+    let last = last.unwrap_or(0);
+    db.insert(NEXT_SEQ_KEY, &(last + 1).to_be_bytes()[..])?;
+    db.flush()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -571,31 +597,10 @@ mod tests {
                 continue;
             }
             let last = entries(9, &headers[..cut]).last().unwrap();
-            assert!(matches!(last, Err(StoreError::Corrupt { .. })), "cut at {cut}");
+            assert!(
+                matches!(last, Err(StoreError::Corrupt { .. })),
+                "cut at {cut}"
+            );
         }
     }
-}
-
-/// Writes jobs and a dead letter in the layout of earlier versions, to test the conversion.
-#[cfg(test)]
-pub fn write_v1(
-    path: &Path,
-    jobs: &[(u64, JobHeader, &str)],
-    dead: &[(u64, DeadRecord, &str)],
-) -> Result<(), StoreError> {
-    let db = sled::open(path)?;
-    let content = |body: &str| [&7u64.to_be_bytes()[..], body.as_bytes()].concat();
-    for (seq, header, body) in jobs {
-        db.insert(key(V1_JOB, *seq), serde_json::to_vec(header).expect("json"))?;
-        db.insert(key(V1_CONTENT, *seq), content(body))?;
-    }
-    for (seq, record, body) in dead {
-        db.insert(key(DEAD, *seq), serde_json::to_vec(record).expect("json"))?;
-        db.insert(key(V1_CONTENT, *seq), content(body))?;
-    }
-    let last = jobs.iter().map(|j| j.0).chain(dead.iter().map(|d| d.0)).max();
-    let last = last.unwrap_or(0);
-    db.insert(NEXT_SEQ_KEY, &(last + 1).to_be_bytes()[..])?;
-    db.flush()?;
-    Ok(())
 }

@@ -112,9 +112,7 @@ async fn converts_a_queue_of_the_earlier_layout() {
         next_attempt_ms: 0,
         first_failure_ms: None,
     };
-    let body = |text: &str| {
-        String::from_utf8(edit("x", "x", text).zoom_body()).expect("utf-8")
-    };
+    let body = |text: &str| String::from_utf8(edit("x", "x", text).zoom_body()).expect("utf-8");
     let (old, new, other, gone) = (body("old"), body("new"), body("other"), body("gone"));
     let dead = DeadRecord {
         header: header("m3", "a"),
