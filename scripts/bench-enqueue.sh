@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
 # Benchmark 1 of BENCHMARKS.md ("Durable enqueue"): zoomq's durable intake (benches/enqueue.rs)
-# against Redis with `appendfsync always` on the same filesystem, then a comparison table.
+# against Redis with `appendfsync always` on the same filesystem, then one line per target with
+# the measured value, its anchor from the same run and whether it is met:
 #
-#   scripts/bench-enqueue.sh [--dir DIR] [bench flags such as --seconds 10 --window 32]
+#   pipelined (64 connections x 4 outstanding): >= 1.0x Redis's 64-connection rate, >= 60,000/s
+#   window1   (64 connections x 1 outstanding): >= 0.8x Redis's 64-connection rate, p99 < 5 ms
+#   single    (1 connection, one at a time):    p50 < 0.3 ms; anchor: one fdatasync in the same
+#             directory after a 4 KiB append, and after a 4 KiB overwrite (p50s of the bench's
+#             disk probe just before that run)
+#
+# Each zoomq line also gives the daemon's CPU time per acknowledged edit (see benches/enqueue.rs).
+#
+#   scripts/bench-enqueue.sh [--dir DIR] [bench flags such as --seconds 10 --window 4]
 #
 # --dir (default: $TMPDIR or /tmp) holds both zoomq's and Redis's data directories, so both write
 # to the same filesystem. Other flags go to the bench (`cargo bench --bench enqueue -- --help`).
 # Installs redis-server with apt-get if redis-server or redis-benchmark is missing (Debian, root).
-# Environment: REDIS_PORT (16379), REDIS_N (300000), REDIS_SINGLE_N (30000), CARGO_TARGET_DIR.
+# Environment: REDIS_PORT (16379), REDIS_N (300000), REDIS_SINGLE_N (30000; 0 skips Redis's
+# one-connection run, which is context only), CARGO_TARGET_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -99,9 +109,11 @@ redis_single_cmd=(redis-benchmark -p "$redis_port" -t lpush -d 1024 -c 1 -n "$re
 disk_probe
 echo "\$ ${redis_multi_cmd[*]}"
 "${redis_multi_cmd[@]}" 2>/dev/null | grep '^"' | tee "$work/redis-multi.csv"
-disk_probe
-echo "\$ ${redis_single_cmd[*]}"
-"${redis_single_cmd[@]}" 2>/dev/null | grep '^"' | tee "$work/redis-single.csv"
+if [ "$redis_single_n" -gt 0 ]; then
+    disk_probe
+    echo "\$ ${redis_single_cmd[*]}"
+    "${redis_single_cmd[@]}" 2>/dev/null | grep '^"' | tee "$work/redis-single.csv"
+fi
 kill "$redis_pid"
 wait "$redis_pid" 2>/dev/null || true
 redis_pid=""
@@ -116,35 +128,68 @@ redis() {
     ' "$1"
 }
 
-# ---- comparison ---------------------------------------------------------------------------------
-ms() { awk -v us="$1" 'BEGIN { printf "%.3f", us / 1000 }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 > 0 && a != "-") printf "%.2f", a / b; else printf "-" }'; }
-rate() { awk -v r="$1" 'BEGIN { printf "%.0f", r }'; }
+# ---- targets -----------------------------------------------------------------------------------
+# Numbers are compared with awk; a figure a run did not produce ("" or "-") fails its target.
+ms() { awk -v us="$1" 'BEGIN { if (us == "") print "-"; else printf "%.3f", us / 1000 }'; }
+rate() { awk -v r="$1" 'BEGIN { if (r == "" || r == "-") print "-"; else printf "%.0f", r }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "-" && a != "" && b + 0 > 0) printf "%.2f", a / b; else printf "-" }'; }
+# holds EXPR: awk's verdict on a numeric condition, "yes" or "no".
+holds() { awk "BEGIN { exit !($1) }" && echo yes || echo no; }
+num() { [ -n "$1" ] && [ "$1" != "-" ] && echo "$1" || echo "-1e300"; }
 
-w32_rate=$(rate "$(zoomq pipelined rate)")
-w32_p50=$(ms "$(zoomq pipelined p50_us)")
-w32_p99=$(ms "$(zoomq pipelined p99_us)")
-w1_rate=$(rate "$(zoomq window1 rate)")
-w1_p50=$(ms "$(zoomq window1 p50_us)")
-w1_p99=$(ms "$(zoomq window1 p99_us)")
-single_rate=$(rate "$(zoomq single rate)")
-single_p50=$(ms "$(zoomq single p50_us)")
 r_rate=$(rate "$(redis "$work/redis-multi.csv" rps)")
 r_p50=$(redis "$work/redis-multi.csv" p50_latency_ms)
 r_p99=$(redis "$work/redis-multi.csv" p99_latency_ms)
-rs_rate=$(rate "$(redis "$work/redis-single.csv" rps)")
-rs_p50=$(redis "$work/redis-single.csv" p50_latency_ms)
-window=$(zoomq pipelined window)
+redis_anchor="Redis 64 conns: ${r_rate}/s, p50 ${r_p50} ms, p99 ${r_p99} ms"
 
-section "zoomq vs Redis (appendfsync always), 1 KiB payloads, durable acknowledgements"
-row() { printf '%-18s %16s %16s %16s %12s %12s\n' "$@"; }
-row "" "zoomq window $window" "zoomq window 1" "redis -P 1" "w1/redis" "w$window/redis"
-row "64 conns, acks/s" "$w32_rate" "$w1_rate" "$r_rate" "$(ratio "$w1_rate" "$r_rate")" "$(ratio "$w32_rate" "$r_rate")"
-row "64 conns, p50 ms" "$w32_p50" "$w1_p50" "$r_p50" "$(ratio "$w1_p50" "$r_p50")" "$(ratio "$w32_p50" "$r_p50")"
-row "64 conns, p99 ms" "$w32_p99" "$w1_p99" "$r_p99" "$(ratio "$w1_p99" "$r_p99")" "$(ratio "$w32_p99" "$r_p99")"
-row "1 conn, acks/s" "-" "$single_rate" "$rs_rate" "$(ratio "$single_rate" "$rs_rate")" "-"
-row "1 conn, p50 ms" "-" "$single_p50" "$rs_p50" "$(ratio "$single_p50" "$rs_p50")" "-"
+section "targets: zoomq against anchors measured in this run (1 KiB edits, durable acks)"
+printf '%-46s | %-58s | %-72s | %s\n' "target" "zoomq" "anchor" "verdict"
+line() { printf '%-46s | %-58s | %-72s | %s\n' "$@"; }
+# verdict NAME=OK ...: "met", or "MISSED (names of the parts that failed)".
+verdict() {
+    local missed=()
+    for part in "$@"; do [ "${part##*=}" = yes ] || missed+=("${part%=*}"); done
+    if [ ${#missed[@]} -eq 0 ]; then echo met; else (IFS=','; echo "MISSED (${missed[*]})"); fi
+}
+# zoomq_line RUN: "N/s, p50 X ms, p99 Y ms, Z us CPU/edit" for a run of the bench.
+zoomq_line() {
+    printf '%s/s, p50 %s ms, p99 %s ms, %s us CPU/edit' "$(rate "$(zoomq "$1" rate)")" \
+        "$(ms "$(zoomq "$1" p50_us)")" "$(ms "$(zoomq "$1" p99_us)")" \
+        "$(awk -v c="$(zoomq "$1" cpu_us_per_ack)" 'BEGIN { printf "%.1f", c }')"
+}
+
+if [ -n "$(zoomq pipelined rate)" ]; then
+    p_rate=$(rate "$(zoomq pipelined rate)")
+    p_ratio=$(ratio "$p_rate" "$r_rate")
+    line "pipelined $(zoomq pipelined connections) x $(zoomq pipelined window): >= 1.0x Redis, >= 60,000/s" \
+        "$(zoomq_line pipelined)" "$redis_anchor; zoomq/Redis ${p_ratio}x" \
+        "$(verdict ">=1.0x Redis=$(holds "$(num "$p_ratio") >= 1.0")" \
+            ">=60,000/s=$(holds "$(num "$p_rate") >= 60000")")"
+fi
+if [ -n "$(zoomq window1 rate)" ]; then
+    w_rate=$(rate "$(zoomq window1 rate)")
+    w_ratio=$(ratio "$w_rate" "$r_rate")
+    w_p99=$(ms "$(zoomq window1 p99_us)")
+    line "window1 $(zoomq window1 connections) x 1: >= 0.8x Redis, p99 < 5 ms" \
+        "$(zoomq_line window1)" "$redis_anchor; zoomq/Redis ${w_ratio}x" \
+        "$(verdict ">=0.8x Redis=$(holds "$(num "$w_ratio") >= 0.8")" \
+            "p99<5ms=$(holds "$(num "$w_p99") >= 0 && $(num "$w_p99") < 5")")"
+fi
+if [ -n "$(zoomq single rate)" ]; then
+    s_p50=$(ms "$(zoomq single p50_us)")
+    f_p50=$(ms "$(zoomq single fsync_p50_us)")
+    o_p50=$(ms "$(zoomq single fsync_overwrite_p50_us)")
+    line "single 1 x 1: p50 < 0.3 ms" \
+        "$(zoomq_line single)" \
+        "fdatasync p50 ${f_p50} ms (4 KiB append), ${o_p50} ms (overwrite); zoomq/append $(ratio "$s_p50" "$f_p50")x" \
+        "$(verdict "p50<0.3ms=$(holds "$(num "$s_p50") >= 0 && $(num "$s_p50") < 0.3")")"
+fi
+if [ "$redis_single_n" -gt 0 ]; then
+    echo "(context: Redis 1 conn: $(rate "$(redis "$work/redis-single.csv" rps)")/s," \
+        "p50 $(redis "$work/redis-single.csv" p50_latency_ms) ms; zoomq single:" \
+        "$(rate "$(zoomq single rate)")/s)"
+fi
 echo "(zoomq: Unix socket, newline-delimited JSON, 1 KiB JSON content per edit, distinct message"
-echo " ids; redis: TCP loopback, LPUSH of a 1024-byte value; ratios are zoomq / redis, so above 1"
-echo " is better for acks/s and worse for latency)"
+echo " ids; Redis: TCP loopback, LPUSH of a 1024-byte value, -P 1; CPU/edit: the daemon process's"
+echo " user + system time in the measured interval per acknowledged edit)"
 echo "load avg after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -19,3 +19,13 @@ pub fn host() -> (usize, String, f64) {
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     (nproc, cpu, mem_kib as f64 / (1024.0 * 1024.0))
 }
+
+/// The 1, 5 and 15 minute load averages, space-separated: the machine may be shared with other
+/// work, which skews every timing.
+pub fn loadavg() -> String {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -51,6 +51,8 @@
 mod host;
 #[path = "../common/proc.rs"]
 mod proc;
+#[path = "../common/spawn.rs"]
+mod spawn;
 
 mod accounts;
 mod adapt;

@@ -1,8 +1,8 @@
-//! The daemon as its own process: the release binary cargo builds for this bench
-//! (`CARGO_BIN_EXE_zoomq`, i.e. `target/release/zoomq` under `cargo bench`) running
-//! `zoomq serve --config` on a generated configuration in a fresh temporary directory, so its CPU
-//! time and memory can be read from `/proc/PID` apart from the sandbox and the producers, which
-//! stay in this process.
+//! The daemon as its own process (started, pinged and stopped with `common/spawn.rs`): the
+//! release binary cargo builds for this bench (`CARGO_BIN_EXE_zoomq`, i.e.
+//! `target/release/zoomq` under `cargo bench`) running `zoomq serve --config` on a generated
+//! configuration in a fresh temporary directory, so its CPU time and memory can be read from
+//! `/proc/PID` apart from the sandbox and the producers, which stay in this process.
 //!
 //! The configuration holds only what delivery to the sandbox needs (socket, data directory,
 //! sandbox URLs and credentials, plan) and turns metrics off; everything else is the daemon's
@@ -10,7 +10,7 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use zoomq::plan::Plan;
 use zoomq::sandbox::{Sandbox, SandboxConfig};
 
-use crate::proc;
+use crate::{proc, spawn};
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -75,45 +75,16 @@ impl DaemonProcess {
     /// Spawns the daemon and waits until it answers a ping (after its queue is recovered).
     pub async fn start(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(self.child.is_none(), "already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)?;
         let spawned = Instant::now();
-        let child = Command::new(env!("CARGO_BIN_EXE_zoomq"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&self.config_path)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("cannot start zoomq")?;
-        self.child = Some(child);
-        loop {
-            if let Ok(answer) = zoomq::client::request(&self.socket, &json!({"op": "ping"})).await {
-                anyhow::ensure!(answer["ok"] == true, "ping answered {answer}");
-                return Ok(());
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.child = None;
-                anyhow::bail!(
-                    "zoomq exited during start-up: {status}\n{}",
-                    self.log_tail()
-                );
-            }
-            anyhow::ensure!(
-                spawned.elapsed() < START_TIMEOUT,
-                "zoomq did not answer within {START_TIMEOUT:?}\n{}",
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        let child = self
+            .child
+            .insert(spawn::serve(&self.config_path, &self.log_path, None)?);
+        let ready =
+            spawn::wait_ready(&self.socket, child, spawned, START_TIMEOUT, &self.log_path).await;
+        if ready.is_err() && child.try_wait().ok().flatten().is_some() {
+            self.child = None;
         }
+        ready
     }
 
     /// SIGKILL, then waits for the process to be gone. Acknowledged edits survive it.
@@ -124,19 +95,13 @@ impl DaemonProcess {
 
     /// SIGTERM, then waits for the graceful exit.
     pub async fn terminate(&mut self) -> anyhow::Result<()> {
-        let pid = self.pid()?;
-        let status = Command::new("kill").arg("-TERM").arg(&pid).status()?;
-        anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
+        spawn::sigterm(self.child.as_ref().context("not running")?)?;
         self.wait_exit().await
     }
 
     async fn wait_exit(&mut self) -> anyhow::Result<()> {
-        let started = Instant::now();
         let child = self.child.as_mut().context("not running")?;
-        while child.try_wait()?.is_none() {
-            anyhow::ensure!(started.elapsed() < START_TIMEOUT, "zoomq did not exit");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        spawn::wait_exit(child, START_TIMEOUT).await?;
         self.child = None;
         Ok(())
     }
@@ -158,12 +123,6 @@ impl DaemonProcess {
             rss_bytes: proc::status_bytes(&pid, "VmRSS:"),
             hwm_bytes: proc::status_bytes(&pid, "VmHWM:"),
         })
-    }
-
-    pub fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
     }
 }
 

@@ -4,6 +4,8 @@
 use serde::Serialize;
 use serde_json::{json, Value};
 
+pub use crate::host::loadavg;
+
 use crate::host;
 
 /// One target, its verdict, and what was measured.
@@ -51,15 +53,6 @@ pub fn machine() -> Value {
         "nproc": nproc, "cpu": cpu, "mem_gib": (mem_gib * 10.0).round() / 10.0,
         "summary": format!("{nproc} CPUs ({cpu}), {mem_gib:.1} GiB RAM"),
     })
-}
-
-/// The 1, 5 and 15 minute load averages.
-pub fn loadavg() -> String {
-    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    text.split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// `numbers` joined by spaces, for per-second series.
