@@ -280,6 +280,13 @@ impl Ingest {
             Request::Ping => Ok(("{\"ok\":true}".into(), false)),
             Request::Stats => Ok((self.stats_line(), false)),
             Request::DeadList { limit } => {
+                // Dead letters decided just before are written by the next commit.
+                self.queue.settled().await.map_err(|e| {
+                    ProtocolError::new(
+                        ErrorCode::Unavailable,
+                        format!("cannot read dead letters: {e}"),
+                    )
+                })?;
                 let records = self.queue.dead_list(limit).map_err(|e| {
                     ProtocolError::new(
                         ErrorCode::Unavailable,

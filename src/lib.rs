@@ -105,19 +105,14 @@ pub async fn run(
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let zoom = zoom::ZoomClient::new(zoom_settings, metrics.clone(), health.clone())
         .context("cannot build the Zoom client")?;
-    let (queue, ready_rx, recovery) =
+    // The index is rebuilt in the background from here on (the queue logs "queue recovered"
+    // when done); edits are accepted and restored jobs delivered meanwhile.
+    let (queue, ready_rx) =
         tokio::task::spawn_blocking(move || Queue::open(&storage, queue_metrics))
             .await?
             .with_context(|| {
                 format!("cannot open the queue in {}", config.storage.path.display())
             })?;
-    tracing::info!(
-        pending = recovery.pending,
-        dead = recovery.dead,
-        superseded = recovery.superseded,
-        elapsed_ms = recovery.elapsed.as_millis() as u64,
-        "queue recovered"
-    );
 
     let tracker = TaskTracker::new();
     let http_cancel = CancellationToken::new();

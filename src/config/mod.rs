@@ -88,7 +88,9 @@ pub struct StorageConfig {
     pub path: PathBuf,
     /// Pending edits beyond which enqueue answers `queue_full`.
     pub max_pending: u64,
-    /// sled's page cache, in bytes (sled's own default is 1 GiB).
+    /// sled's page cache, in bytes (sled's own default is 1 GiB). A queue reads each record
+    /// about once, so a small cache costs little; sled's resident memory overshoots it
+    /// (BENCHMARKS.md, "Scale").
     pub cache_capacity: u64,
     /// New edits are refused (`unavailable`) while the filesystem has less free space than
     /// this, so the database never runs into a full disk mid-write.
@@ -125,7 +127,8 @@ pub struct DeliveryConfig {
     /// An edit failing for longer than this goes to the dead letters.
     #[serde(deserialize_with = "de_duration")]
     pub max_age: Duration,
-    /// On SIGTERM, how long in-flight requests may take to finish.
+    /// On SIGTERM, how long in-flight requests and owed answers may take to finish; at most
+    /// `crate::SHUTDOWN_GRACE_MAX` (1 s) whatever is set.
     #[serde(deserialize_with = "de_duration")]
     pub shutdown_timeout: Duration,
     /// Limiter state of an account idle this long is released.
@@ -215,7 +218,7 @@ impl Default for StorageConfig {
         StorageConfig {
             path: PathBuf::from("/var/lib/zoomq"),
             max_pending: 1_000_000,
-            cache_capacity: 64 * 1024 * 1024,
+            cache_capacity: 16 * 1024 * 1024,
             min_free_bytes: 256 * 1024 * 1024,
         }
     }
@@ -243,7 +246,7 @@ impl Default for DeliveryConfig {
             retry_initial: Duration::from_secs(1),
             retry_max: Duration::from_secs(300),
             max_age: Duration::from_secs(24 * 3600),
-            shutdown_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(1),
             account_idle: Duration::from_secs(600),
             rate_margin: 0.995,
         }

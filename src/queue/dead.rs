@@ -8,7 +8,15 @@ use super::{now_ms, wait, DeadOutcome, DeadRecord, Queue, StoreError};
 use crate::protocol::Selector;
 
 impl Queue {
-    /// Dead letters in job-id order, at most `limit` of them.
+    /// Resolves once every change made so far is committed, so that what sled says next
+    /// includes it (a dead letter is counted as soon as it is decided, but written by the next
+    /// commit).
+    pub async fn settled(&self) -> Result<(), String> {
+        wait(self.shared.commit_locked(self.shared.lock())).await
+    }
+
+    /// Dead letters in job-id order, at most `limit` of them. Call [`Queue::settled`] first
+    /// to see the latest ones.
     pub fn dead_list(&self, limit: Option<usize>) -> Result<Vec<(u64, DeadRecord)>, StoreError> {
         let store = self.shared.store()?;
         let records = store
@@ -22,6 +30,7 @@ impl Queue {
     /// message has a newer pending edit is superseded and deleted instead.
     pub async fn dead_retry(&self, selector: &Selector) -> Result<DeadOutcome, String> {
         let _serial = self.shared.dead_ops.lock().await;
+        self.settled().await?;
         let records = self.select_dead(selector)?;
         // Bodies are read before taking the queue's lock (they are only ever deleted by these
         // serialized commands, so they cannot go away meanwhile).
@@ -72,6 +81,9 @@ impl Queue {
                 if let Some((_, Some(loser))) = restored.superseded {
                     core.ledger.done(loser);
                 }
+                if let Some(fresh) = core.recovering.as_mut() {
+                    fresh.insert(seq);
+                }
                 self.shared.announce(restored.announce);
                 outcome.affected += 1;
             }
@@ -92,6 +104,7 @@ impl Queue {
     /// Deletes dead letters.
     pub async fn dead_purge(&self, selector: &Selector) -> Result<DeadOutcome, String> {
         let _serial = self.shared.dead_ops.lock().await;
+        self.settled().await?;
         let records = self.select_dead(selector)?;
         let commit = {
             let mut core = self.shared.lock();

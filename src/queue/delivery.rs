@@ -31,13 +31,25 @@ pub enum Claimed {
     Empty,
 }
 
+impl Core {
+    /// Whether a ready job may be sent: its writes are committed, and it is not content that
+    /// arrived while recovery still runs (see `recover`).
+    fn claimable(&self, seq: u64) -> bool {
+        !self.overlay.contains_key(&seq)
+            && !self
+                .recovering
+                .as_ref()
+                .is_some_and(|fresh| fresh.contains(&seq))
+    }
+}
+
 impl Queue {
     /// Whether `account`'s oldest ready job can be claimed now.
     pub fn head(&self, account: &str) -> Head {
         let core = self.shared.lock();
         match core.state.peek_ready(account) {
             None => Head::Empty,
-            Some(seq) if core.overlay.contains_key(&seq) => Head::NotDurable,
+            Some(seq) if !core.claimable(seq) => Head::NotDurable,
             Some(_) => Head::Ready,
         }
     }
@@ -47,7 +59,7 @@ impl Queue {
         let claim = {
             let mut core = self.shared.lock();
             if let Some(seq) = core.state.peek_ready(account) {
-                if core.overlay.contains_key(&seq) {
+                if !core.claimable(seq) {
                     return Ok(Claimed::NotDurable);
                 }
             }

@@ -34,7 +34,7 @@ mod state;
 mod store;
 mod writer;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -145,7 +145,18 @@ struct Shared {
     /// Serializes operator commands on the dead letters: each reads sled, so it must see the
     /// previous one's writes committed.
     dead_ops: tokio::sync::Mutex<()>,
+    /// The recovery thread, joined by `close`.
+    recoverer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// What recovery found, once it is done.
+    recovered: tokio::sync::watch::Sender<Option<Recovery>>,
+    /// Tests only: when set, recovery waits for a message before each record and answers one
+    /// after it, so a test can look at the queue between records.
+    #[cfg(test)]
+    recovery_steps: Mutex<Option<RecoverySteps>>,
 }
+
+#[cfg(test)]
+type RecoverySteps = (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>);
 
 struct Core {
     state: State,
@@ -171,6 +182,10 @@ struct Core {
     /// Free bytes on the database's filesystem, while below `storage.min_free_bytes`.
     space_low: Option<u64>,
     closing: bool,
+    /// While recovery runs in the background: the jobs whose content arrived since the open
+    /// (new, coalesced or restored from the dead letters). They are not claimable until
+    /// recovery is done (see [`recover`]).
+    recovering: Option<HashSet<u64>>,
 }
 
 /// What recovery found on disk.
@@ -186,81 +201,45 @@ pub struct Recovery {
 }
 
 impl Queue {
-    /// Opens (or creates) the database, rebuilds the index and starts the writer thread.
-    /// Returns the queue and the receiver of ready-account announcements for the dispatcher.
+    /// Opens (or creates) the database and starts the writer thread and the recovery thread,
+    /// which rebuilds the index in the background (see [`recover`]); new edits are accepted
+    /// meanwhile. Returns the queue and the receiver of ready-account announcements for the
+    /// dispatcher.
     pub fn open(
         config: &crate::config::StorageConfig,
         metrics: Arc<Metrics>,
-    ) -> Result<(Queue, mpsc::UnboundedReceiver<Arc<str>>, Recovery), StoreError> {
+    ) -> Result<(Queue, mpsc::UnboundedReceiver<Arc<str>>), StoreError> {
+        Self::open_inner(
+            config,
+            metrics,
+            #[cfg(test)]
+            None,
+        )
+    }
+
+    /// [`Queue::open`] with recovery taking one record per message on `steps.0` and
+    /// answering on `steps.1` after each.
+    #[cfg(test)]
+    fn open_stepped(
+        config: &crate::config::StorageConfig,
+        steps: RecoverySteps,
+    ) -> Result<(Queue, mpsc::UnboundedReceiver<Arc<str>>), StoreError> {
+        Self::open_inner(config, Arc::new(Metrics::new()), Some(steps))
+    }
+
+    fn open_inner(
+        config: &crate::config::StorageConfig,
+        metrics: Arc<Metrics>,
+        #[cfg(test)] steps: Option<RecoverySteps>,
+    ) -> Result<(Queue, mpsc::UnboundedReceiver<Arc<str>>), StoreError> {
         let started = Instant::now();
         let (store, mut committer) = Store::open(&config.path, config.cache_capacity)?;
-        let now = now_ms();
-        let mut state = State::new(store.next_seq()?);
-        let mut ledger = Ledger::new(1);
-        let mut superseded = 0u64;
-        let mut stale = Vec::new();
-        let mut announced = Vec::new();
-        // Only headers and done bitmaps are read: bodies stay on disk until claimed.
-        for item in store.records() {
-            let stored = item?;
-            let done = stored.done.as_deref();
-            let mut entries = 0u32;
-            for (index, item) in store::entries(stored.record, &stored.headers).enumerate() {
-                let (entry, _) = item?;
-                let index = index as u32;
-                entries += 1;
-                if ledger::is_done(done, index) {
-                    continue;
-                }
-                let loc = Loc {
-                    record: stored.record,
-                    index,
-                };
-                let restored = state.restore(
-                    entry.message_id,
-                    entry.account_id,
-                    entry.seq,
-                    entry.next_attempt_ms,
-                    state::Stored {
-                        loc: Some(loc),
-                        enqueued_ms: entry.enqueued_ms,
-                        attempts: entry.attempts,
-                        first_failure_ms: entry.first_failure_ms,
-                    },
-                    now,
-                );
-                announced.extend(restored.announce);
-                if let Some((_, loser)) = restored.superseded {
-                    stale.extend(loser);
-                    superseded += 1;
-                }
-            }
-            ledger.restore(stored.record, entries, done);
-        }
-        for loc in stale.drain(..) {
-            ledger.done(loc);
-        }
-        let migrated = migrate_v1(
-            &store,
-            &mut committer,
-            &mut state,
-            &mut ledger,
-            &mut announced,
-            now,
-        )?;
+        let migrated = migrate_v1(&store, &mut committer)?;
+        let first_new_record = store.last_record()?.map_or(1, |r| r + 1);
+        let state = State::new(store.next_seq()?);
+        let ledger = Ledger::new(first_new_record);
         let dead = store.count_dead()?;
-        let recovery = Recovery {
-            pending: state.pending(),
-            dead,
-            superseded,
-            migrated,
-            elapsed: started.elapsed(),
-        };
-        metrics.edits_superseded.inc_by(superseded);
         let (ready_tx, ready_rx) = mpsc::unbounded_channel();
-        for account in announced {
-            let _ = ready_tx.send(account);
-        }
         let shared = Arc::new(Shared {
             core: Mutex::new(Core {
                 next_seq_written: state.next_seq(),
@@ -275,10 +254,11 @@ impl Queue {
                 failure: None,
                 space_low: writer::low_space(&config.path, config.min_free_bytes),
                 closing: false,
+                recovering: Some(HashSet::new()),
             }),
             writer_wake: Condvar::new(),
             writer: Mutex::new(None),
-            store: RwLock::new(Some(store)),
+            store: RwLock::new(Some(store.clone())),
             storage: config.clone(),
             max_pending: config.max_pending,
             metrics,
@@ -286,6 +266,10 @@ impl Queue {
             timer_changed: tokio::sync::Notify::new(),
             committed: tokio::sync::Notify::new(),
             dead_ops: tokio::sync::Mutex::new(()),
+            recoverer: Mutex::new(None),
+            recovered: tokio::sync::watch::channel(None).0,
+            #[cfg(test)]
+            recovery_steps: Mutex::new(steps),
         });
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
@@ -293,7 +277,35 @@ impl Queue {
             .spawn(move || writer::writer_loop(&writer_shared, committer))
             .map_err(StoreError::Io)?;
         *shared.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(writer);
-        Ok((Queue { shared }, ready_rx, recovery))
+        let recovery_shared = shared.clone();
+        let recoverer = std::thread::Builder::new()
+            .name("zoomq-recover".into())
+            .spawn(move || {
+                recover(
+                    &recovery_shared,
+                    &store,
+                    first_new_record,
+                    started,
+                    dead,
+                    migrated,
+                )
+            })
+            .map_err(StoreError::Io)?;
+        *shared.recoverer.lock().unwrap_or_else(|e| e.into_inner()) = Some(recoverer);
+        Ok((Queue { shared }, ready_rx))
+    }
+
+    /// What recovery found, once it is done (it runs in the background from `open` on).
+    pub async fn recovered(&self) -> Recovery {
+        let mut watch = self.shared.recovered.subscribe();
+        let done = watch.wait_for(Option::is_some).await;
+        done.map(|r| r.expect("waited for Some"))
+            .unwrap_or_default()
+    }
+
+    /// Whether recovery is still running.
+    pub fn recovering(&self) -> bool {
+        self.shared.lock().recovering.is_some()
     }
 
     /// Makes one edit durable, coalescing it with the message's pending edit if there is one.
@@ -350,6 +362,9 @@ impl Queue {
             let loc = core.write_entry(&entry, &body);
             if let Some(replaced) = core.state.set_loc(&edit.message_id, loc) {
                 core.ledger.done(replaced);
+            }
+            if let Some(fresh) = core.recovering.as_mut() {
+                fresh.insert(seq);
             }
             let (tx, rx) = oneshot::channel();
             core.waiters.push(tx);
@@ -450,6 +465,18 @@ impl Queue {
     /// Blocking; call from a blocking context.
     pub fn close(&self) {
         self.shared.lock().closing = true;
+        let recoverer = self
+            .shared
+            .recoverer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(recoverer) = recoverer {
+            // It stops at its next record once it sees `closing`.
+            if recoverer.join().is_err() {
+                tracing::error!("the recovery thread panicked");
+            }
+        }
         self.shared.writer_wake.notify_one();
         let writer = self
             .shared
@@ -497,16 +524,11 @@ impl Core {
 /// Converts jobs stored in the layout of earlier versions (one key pair per job) to records,
 /// committing every few thousand so that a large old queue converts in bounded memory. Each
 /// commit writes the new entries and deletes the old keys together: a crash midway leaves
-/// every job in exactly one layout.
-fn migrate_v1(
-    store: &Store,
-    committer: &mut store::Committer,
-    state: &mut State,
-    ledger: &mut Ledger,
-    announced: &mut Vec<Arc<str>>,
-    now: u64,
-) -> Result<u64, StoreError> {
+/// every job in exactly one layout. Recovery then reads the converted jobs like any others.
+fn migrate_v1(store: &Store, committer: &mut store::Committer) -> Result<u64, StoreError> {
     let mut migrated = 0;
+    let mut ledger = Ledger::new(store.last_record()?.map_or(1, |r| r + 1));
+    let mut next_seq = store.next_seq()?;
     let mut ops = store.v1_dead_bodies()?;
     let mut jobs = store.v1_jobs().peekable();
     while jobs.peek().is_some() || !ops.is_empty() {
@@ -523,36 +545,169 @@ fn migrate_v1(
                 account_id: &header.account_id,
                 body_len: body.len() as u32,
             };
-            let loc = ledger.append(&entry, &body);
+            ledger.append(&entry, &body);
             ops.extend(store::v1_deletes(seq));
-            let restored = state.restore(
-                &header.message_id,
-                &header.account_id,
-                seq,
-                header.next_attempt_ms,
-                state::Stored {
-                    loc: Some(loc),
-                    enqueued_ms: header.enqueued_ms,
-                    attempts: header.attempts,
-                    first_failure_ms: header.first_failure_ms,
-                },
-                now,
-            );
-            announced.extend(restored.announce);
-            if let Some((_, Some(loser))) = restored.superseded {
-                ledger.done(loser);
-            }
+            next_seq = next_seq.max(seq + 1);
             migrated += 1;
         }
         let mut batch = ledger.take();
         batch.append(&mut ops);
-        batch.push(put_next_seq(state.next_seq()));
+        batch.push(put_next_seq(next_seq));
         committer.commit(&batch)?;
     }
     if migrated > 0 {
         tracing::info!(jobs = migrated, "converted the queue to the record layout");
     }
     Ok(migrated)
+}
+
+/// Rebuilds the index from the records stored before `open`, in record order, one record per
+/// hold of the queue's lock, while the queue already accepts edits and delivers what it has
+/// restored. Only headers and done bitmaps are read: bodies stay on disk until claimed.
+///
+/// Why this is safe:
+/// - A job's latest entry is always in a later record than the entry of any older job of its
+///   message (a newer job is only created while the older one is in flight, and an in-flight
+///   job's entry is not rewritten; a rewrite while pending goes to the newest record). So
+///   record order meets the jobs of a message oldest first: a restored job may be sent before
+///   a newer one of its message is found, never after it; a newer one found meanwhile waits
+///   behind the one in flight, as usual.
+/// - Content that arrived since the open ("fresh": new jobs, coalesced ones, dead letters put
+///   back) is newer than anything stored, so it wins over any job recovery still finds for
+///   its message, and it is not claimable until recovery is done: sent earlier, a stored older
+///   job found later would follow it.
+/// - Records stored before the open are not touched by anything else until restored (nothing
+///   in the index points at them), so reading them outside the lock is consistent.
+fn recover(
+    shared: &Shared,
+    store: &Store,
+    first_new_record: u64,
+    started: Instant,
+    dead: u64,
+    migrated: u64,
+) {
+    let now = now_ms();
+    let mut superseded = 0u64;
+    let result = (|| -> Result<(), StoreError> {
+        for item in store.records() {
+            let stored = item?;
+            if stored.record >= first_new_record {
+                break; // written since the open
+            }
+            #[cfg(test)]
+            let _step = shared.recovery_step();
+            let entries: Vec<EntryRef<'_>> = store::entries(stored.record, &stored.headers)
+                .map(|e| e.map(|(entry, _)| entry))
+                .collect::<Result<_, _>>()?;
+            let done = stored.done.as_deref();
+            let mut core = shared.lock();
+            if core.closing {
+                return Ok(());
+            }
+            let core = &mut *core;
+            core.ledger
+                .restore(stored.record, entries.len() as u32, done);
+            for (index, entry) in entries.iter().enumerate() {
+                let index = index as u32;
+                if ledger::is_done(done, index) {
+                    continue;
+                }
+                let loc = Loc {
+                    record: stored.record,
+                    index,
+                };
+                let fresh = core.recovering.as_ref().expect("recovering");
+                if let Some(existing) = core.state.pending_of(entry.message_id) {
+                    if fresh.contains(&existing) {
+                        core.ledger.done(loc);
+                        superseded += 1;
+                        continue;
+                    }
+                }
+                let restored = core.state.restore(
+                    entry.message_id,
+                    entry.account_id,
+                    entry.seq,
+                    entry.next_attempt_ms,
+                    state::Stored {
+                        loc: Some(loc),
+                        enqueued_ms: entry.enqueued_ms,
+                        attempts: entry.attempts,
+                        first_failure_ms: entry.first_failure_ms,
+                    },
+                    now,
+                );
+                shared.announce(restored.announce);
+                if let Some((_, loser)) = restored.superseded {
+                    if let Some(loser) = loser {
+                        core.ledger.done(loser);
+                    }
+                    superseded += 1;
+                }
+            }
+        }
+        Ok(())
+    })();
+    let mut core = shared.lock();
+    if let Err(e) = result {
+        // Stay conservative: what was restored is delivered, but nothing new is accepted and
+        // what arrived since the open is never sent ahead of what could not be read.
+        tracing::error!(error = %e, "queue recovery failed; refusing new edits");
+        core.failure = Some(format!("recovery failed: {e}"));
+        return;
+    }
+    if core.closing {
+        return;
+    }
+    core.recovering = None;
+    let recovery = Recovery {
+        pending: core.state.pending(),
+        dead,
+        superseded,
+        migrated,
+        elapsed: started.elapsed(),
+    };
+    drop(core);
+    shared.metrics.edits_superseded.inc_by(superseded);
+    tracing::info!(
+        pending = recovery.pending,
+        dead = recovery.dead,
+        superseded = recovery.superseded,
+        elapsed_ms = recovery.elapsed.as_millis() as u64,
+        "queue recovered"
+    );
+    // Fresh jobs are claimable now, and superseded entries need their done bits written.
+    shared.writer_wake.notify_one();
+    shared.committed.notify_one();
+    shared.recovered.send_replace(Some(recovery));
+}
+
+#[cfg(test)]
+impl Shared {
+    /// Waits for the test's go-ahead; the guard answers when the record has been restored.
+    fn recovery_step(&self) -> impl Drop + '_ {
+        struct Done<'a>(&'a Shared);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                let steps = self
+                    .0
+                    .recovery_steps
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if let Some((_, done)) = steps.as_ref() {
+                    let _ = done.send(());
+                }
+            }
+        }
+        let steps = self
+            .recovery_steps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((go, _)) = steps.as_ref() {
+            let _ = go.recv();
+        }
+        Done(self)
+    }
 }
 
 impl Shared {

@@ -11,7 +11,7 @@
 //!   `ready` or `delayed` when that job finishes.
 //!
 //! # Memory
-//! The index is what a million pending edits cost in memory, so it is kept small: about 80
+//! The index is what a million pending edits cost in memory, so it is kept small: about 56
 //! bytes a message in a slab allocated in fixed chunks (no doubling copies), 4 bytes in a hash
 //! table, and about 25 in its account's ready line. Messages are known by a 128-bit key, two
 //! independently keyed SipHash-1-3 hashes of the message id (random keys per process), not by
@@ -47,51 +47,33 @@ pub struct Stored {
     pub first_failure_ms: Option<u64>,
 }
 
-/// A pending job, packed (`Stored` with its options folded into sentinel values: record 0 and
-/// time 0 never occur).
+/// A pending job, packed: record 0 never occurs, so it stands for "not stored yet". What only
+/// a failing or delayed job has is kept apart, in [`Retry`], so that the common job costs 28
+/// bytes here.
 #[derive(Debug, Clone, Copy, Default)]
 struct PendingJob {
     /// 0: no pending job.
     seq: u64,
-    due_ms: u64,
     record: u64,
     enqueued_ms: u64,
-    first_failure_ms: u64,
     index: u32,
-    attempts: u32,
-    /// Its current content was sent and failed transiently (it waits for a retry).
-    failed: bool,
 }
 
 impl PendingJob {
-    fn new(seq: u64, due_ms: u64, failed: bool, stored: Stored) -> PendingJob {
-        PendingJob {
-            seq,
-            due_ms,
-            record: stored.loc.map_or(0, |l| l.record),
-            index: stored.loc.map_or(0, |l| l.index),
-            enqueued_ms: stored.enqueued_ms,
-            attempts: stored.attempts,
-            first_failure_ms: stored.first_failure_ms.unwrap_or(0),
-            failed,
-        }
-    }
-
-    fn stored(&self) -> Stored {
-        Stored {
-            loc: (self.record != 0).then_some(Loc {
-                record: self.record,
-                index: self.index,
-            }),
-            enqueued_ms: self.enqueued_ms,
-            attempts: self.attempts,
-            first_failure_ms: (self.first_failure_ms != 0).then_some(self.first_failure_ms),
-        }
-    }
-
     fn is_some(&self) -> bool {
         self.seq != 0
     }
+}
+
+/// The retry state of a pending job that failed or waits for a time (all zero otherwise, and
+/// then not stored at all).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Retry {
+    due_ms: u64,
+    first_failure_ms: u64,
+    attempts: u32,
+    /// Its current content was sent and failed transiently (it waits for a retry).
+    failed: bool,
 }
 
 /// Where a message stands.
@@ -185,6 +167,8 @@ pub struct State {
     line_of: HashMap<Arc<str>, u32>,
     /// Jobs waiting for a retry time: (due ms, job id) → slot.
     delayed: BTreeMap<(u64, u64), u32>,
+    /// Retry state of pending jobs that have any, by job id.
+    retries: HashMap<u64, Retry>,
     pending: u64,
     in_flight: u64,
     next_seq: u64,
@@ -212,6 +196,7 @@ impl State {
             free_lines: Vec::new(),
             line_of: HashMap::new(),
             delayed: BTreeMap::new(),
+            retries: HashMap::new(),
             pending: 0,
             in_flight: 0,
             next_seq: next_seq.max(1),
@@ -266,6 +251,47 @@ impl State {
 
     fn slot_mut(&mut self, n: u32) -> &mut Slot {
         &mut self.chunks[n as usize / CHUNK][n as usize % CHUNK]
+    }
+
+    /// Makes a pending job, keeping its retry state aside if it has any.
+    fn make_pending(&mut self, seq: u64, due_ms: u64, failed: bool, stored: Stored) -> PendingJob {
+        let retry = Retry {
+            due_ms,
+            first_failure_ms: stored.first_failure_ms.unwrap_or(0),
+            attempts: stored.attempts,
+            failed,
+        };
+        if retry != Retry::default() {
+            self.retries.insert(seq, retry);
+        }
+        PendingJob {
+            seq,
+            record: stored.loc.map_or(0, |l| l.record),
+            index: stored.loc.map_or(0, |l| l.index),
+            enqueued_ms: stored.enqueued_ms,
+        }
+    }
+
+    fn retry(&self, pending: &PendingJob) -> Retry {
+        self.retries.get(&pending.seq).copied().unwrap_or_default()
+    }
+
+    fn stored(&self, pending: &PendingJob) -> Stored {
+        let retry = self.retry(pending);
+        Stored {
+            loc: (pending.record != 0).then_some(Loc {
+                record: pending.record,
+                index: pending.index,
+            }),
+            enqueued_ms: pending.enqueued_ms,
+            attempts: retry.attempts,
+            first_failure_ms: (retry.first_failure_ms != 0).then_some(retry.first_failure_ms),
+        }
+    }
+
+    /// A pending job stops being pending (claimed or dropped): its retry state goes with it.
+    fn forget_retry(&mut self, pending: &PendingJob) {
+        self.retries.remove(&pending.seq);
     }
 
     fn find(&self, key: MessageKey) -> Option<u32> {
@@ -382,15 +408,17 @@ impl State {
     pub fn is_waiting(&self, message: &str, seq: u64) -> bool {
         self.find_str(message).is_some_and(|n| {
             let p = self.slot(n).pending;
-            p.is_some() && p.seq == seq && self.delayed.contains_key(&(p.due_ms, seq))
+            p.is_some() && p.seq == seq && self.delayed.contains_key(&(self.retry(&p).due_ms, seq))
         })
     }
 
     /// Whether the message's pending job holds content that already failed once (so that a
     /// newer edit replacing it supersedes an edit waiting for its retry).
     pub fn pending_failed(&self, message: &str) -> bool {
-        self.find_str(message)
-            .is_some_and(|n| self.slot(n).pending.is_some() && self.slot(n).pending.failed)
+        self.find_str(message).is_some_and(|n| {
+            let p = self.slot(n).pending;
+            p.is_some() && self.retry(&p).failed
+        })
     }
 
     /// Whether a new edit of `message` would add a pending job (rather than coalesce).
@@ -401,9 +429,13 @@ impl State {
     /// The pending job of `message`: its id, retry time and stored state.
     pub fn pending_job(&self, message: &str) -> Option<(u64, u64, Stored)> {
         let pending = self.slot(self.find_str(message)?).pending;
-        pending
-            .is_some()
-            .then(|| (pending.seq, pending.due_ms, pending.stored()))
+        pending.is_some().then(|| {
+            (
+                pending.seq,
+                self.retry(&pending).due_ms,
+                self.stored(&pending),
+            )
+        })
     }
 
     /// Records where the pending job of `message` is now stored; returns where it was.
@@ -413,7 +445,10 @@ impl State {
         if !pending.is_some() {
             return None;
         }
-        let old = pending.stored().loc;
+        let old = (pending.record != 0).then_some(Loc {
+            record: pending.record,
+            index: pending.index,
+        });
         pending.record = loc.record;
         pending.index = loc.index;
         old
@@ -429,8 +464,10 @@ impl State {
             let slot = *self.slot(n);
             if slot.pending.is_some() {
                 // New content: whatever failed before is not what will be sent next.
-                self.slot_mut(n).pending.failed = false;
                 let pending = self.slot(n).pending;
+                if let Some(retry) = self.retries.get_mut(&pending.seq) {
+                    retry.failed = false;
+                }
                 let old_line = slot.account;
                 if &*self.line(old_line).name == account {
                     return Placed::Coalesced {
@@ -490,12 +527,14 @@ impl State {
                         announce: None,
                     };
                 }
+                let existing_loc = self.stored(&existing).loc;
                 self.unplace(n);
+                self.forget_retry(&existing);
                 self.slot_mut(n).pending = PendingJob::default();
                 self.pending -= 1;
                 let announce = self.insert_pending(key, account, seq, due_ms, stored, now_ms);
                 return Restored {
-                    superseded: Some((existing.seq, existing.stored().loc)),
+                    superseded: Some((existing.seq, existing_loc)),
                     announce,
                 };
             }
@@ -536,10 +575,12 @@ impl State {
         let key = slot.key;
         self.pending -= 1;
         self.in_flight += 1;
+        let stored = self.stored(&pending);
+        self.forget_retry(&pending);
         Some(Claim {
             seq,
             message: key,
-            stored: pending.stored(),
+            stored,
             more,
         })
     }
@@ -618,9 +659,10 @@ impl State {
                 announce: finished.announce,
             });
         }
+        let pending = self.make_pending(seq, due_ms, failed, stored);
         let slot = self.slot_mut(n);
         slot.in_flight = 0;
-        slot.pending = PendingJob::new(seq, due_ms, failed, stored);
+        slot.pending = pending;
         self.in_flight -= 1;
         self.pending += 1;
         let announce = self.place(n, now_ms);
@@ -663,7 +705,7 @@ impl State {
         now_ms: u64,
     ) -> Option<Arc<str>> {
         let line = self.line_id(account);
-        let pending = PendingJob::new(seq, due_ms, false, stored);
+        let pending = self.make_pending(seq, due_ms, false, stored);
         let n = match self.find(key) {
             Some(n) => {
                 debug_assert!(!self.slot(n).pending.is_some());
@@ -697,9 +739,9 @@ impl State {
         if slot.in_flight != 0 {
             return None; // blocked until the in-flight job finishes
         }
-        if slot.pending.due_ms > now_ms {
-            self.delayed
-                .insert((slot.pending.due_ms, slot.pending.seq), n);
+        let due_ms = self.retry(&slot.pending).due_ms;
+        if due_ms > now_ms {
+            self.delayed.insert((due_ms, slot.pending.seq), n);
             return None;
         }
         self.make_ready(slot.account, slot.pending.seq, n)
@@ -711,7 +753,7 @@ impl State {
         let pending = slot.pending;
         if self
             .delayed
-            .remove(&(pending.due_ms, pending.seq))
+            .remove(&(self.retry(&pending).due_ms, pending.seq))
             .is_none()
         {
             if let Some(Some(line)) = self.lines.get_mut(slot.account as usize) {
@@ -773,6 +815,17 @@ impl State {
         assert_eq!(ready + self.delayed.len(), pending as usize - blocked);
         for (_, slot) in &live {
             assert!(slot.pending.is_some() || slot.in_flight != 0);
+        }
+        let pending_seqs: std::collections::HashSet<u64> = live
+            .iter()
+            .filter(|(_, s)| s.pending.is_some())
+            .map(|(_, s)| s.pending.seq)
+            .collect();
+        for seq in self.retries.keys() {
+            assert!(
+                pending_seqs.contains(seq),
+                "retry state of job {seq} outlives it"
+            );
         }
         for (id, line) in self.lines.iter().enumerate() {
             let Some(line) = line else { continue };

@@ -14,13 +14,30 @@ fn edit(message: &str, account: &str, text: &str) -> Edit {
     }
 }
 
-fn open(dir: &std::path::Path) -> (Queue, mpsc::UnboundedReceiver<Arc<str>>, Recovery) {
+async fn open(dir: &std::path::Path) -> (Queue, mpsc::UnboundedReceiver<Arc<str>>, Recovery) {
     let config = StorageConfig {
         path: dir.to_path_buf(),
         cache_capacity: 8 * 1024 * 1024,
         ..StorageConfig::default()
     };
-    Queue::open(&config, Arc::new(Metrics::new())).unwrap()
+    // sled lets go of its file lock only once its I/O threads are done with the previous
+    // handle, a moment after the last one is dropped.
+    let mut tries = 0;
+    loop {
+        match Queue::open(&config, Arc::new(Metrics::new())) {
+            Err(StoreError::Sled(sled::Error::Io(e)))
+                if e.to_string().contains("could not acquire lock") && tries < 200 =>
+            {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            opened => {
+                let (queue, ready) = opened.unwrap();
+                let recovery = queue.recovered().await;
+                return (queue, ready, recovery);
+            }
+        }
+    }
 }
 
 impl Queue {
@@ -45,7 +62,7 @@ fn text_of(job: &Job) -> String {
 #[tokio::test]
 async fn coalesces_pending_and_serializes_in_flight() {
     let dir = tempfile::tempdir().unwrap();
-    let (queue, mut ready, _) = open(dir.path());
+    let (queue, mut ready, _) = open(dir.path()).await;
     let first = queue.enqueue(&edit("m1", "a", "v1")).await.unwrap();
     assert!(!first.coalesced);
     let again = queue.enqueue(&edit("m1", "a", "v2")).await.unwrap();
@@ -81,7 +98,7 @@ async fn coalesces_pending_and_serializes_in_flight() {
 async fn restart_recovers_pending_and_in_flight_keeping_newest() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (queue, _ready, _) = open(dir.path());
+        let (queue, _ready, _) = open(dir.path()).await;
         queue.enqueue(&edit("m1", "a", "old")).await.unwrap();
         queue.enqueue(&edit("m2", "b", "only")).await.unwrap();
         let job = queue.claim_now("a").unwrap();
@@ -93,7 +110,7 @@ async fn restart_recovers_pending_and_in_flight_keeping_newest() {
             .await
             .unwrap();
     }
-    let (queue, _ready, recovery) = open(dir.path());
+    let (queue, _ready, recovery) = open(dir.path()).await;
     assert_eq!(recovery.pending, 2);
     assert_eq!(recovery.superseded, 1);
     let job = queue.claim_now("a").unwrap();
@@ -133,7 +150,7 @@ async fn converts_a_queue_of_the_earlier_layout() {
     )
     .unwrap();
     for round in 0..2 {
-        let (queue, _ready, recovery) = open(dir.path());
+        let (queue, _ready, recovery) = open(dir.path()).await;
         assert_eq!(recovery.pending, 2, "round {round}");
         assert_eq!(recovery.dead, 1);
         assert_eq!(recovery.migrated, if round == 0 { 3 } else { 0 });
@@ -141,7 +158,7 @@ async fn converts_a_queue_of_the_earlier_layout() {
             .await
             .unwrap();
     }
-    let (queue, _ready, _) = open(dir.path());
+    let (queue, _ready, _) = open(dir.path()).await;
     assert_eq!(text_of(&queue.claim_now("a").unwrap()), "new");
     assert_eq!(text_of(&queue.claim_now("b").unwrap()), "other");
     let outcome = queue.dead_retry(&Selector::All).await.unwrap();
@@ -157,7 +174,7 @@ async fn retry_state_and_dead_letters_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
     let due = now_ms() + 3_600_000;
     {
-        let (queue, _ready, _) = open(dir.path());
+        let (queue, _ready, _) = open(dir.path()).await;
         queue.enqueue(&edit("m1", "a", "x")).await.unwrap();
         queue.enqueue(&edit("m2", "a", "y")).await.unwrap();
         let mut job = queue.claim_now("a").unwrap();
@@ -178,7 +195,7 @@ async fn retry_state_and_dead_letters_survive_restart() {
             .await
             .unwrap();
     }
-    let (queue, _ready, recovery) = open(dir.path());
+    let (queue, _ready, recovery) = open(dir.path()).await;
     assert_eq!((recovery.pending, recovery.dead), (1, 1));
     assert!(
         queue.claim_now("a").is_none(),
@@ -201,7 +218,7 @@ async fn retry_state_and_dead_letters_survive_restart() {
 #[tokio::test]
 async fn dead_retry_is_superseded_by_pending_edit() {
     let dir = tempfile::tempdir().unwrap();
-    let (queue, _ready, _) = open(dir.path());
+    let (queue, _ready, _) = open(dir.path()).await;
     queue.enqueue(&edit("m1", "a", "x")).await.unwrap();
     let job = queue.claim_now("a").unwrap();
     let info = DeadInfo {
@@ -233,7 +250,7 @@ async fn queue_full_refuses_new_messages_but_coalesces() {
         cache_capacity: 8 * 1024 * 1024,
         ..StorageConfig::default()
     };
-    let (queue, _ready, _) = Queue::open(&config, Arc::new(Metrics::new())).unwrap();
+    let (queue, _ready) = Queue::open(&config, Arc::new(Metrics::new())).unwrap();
     queue.enqueue(&edit("m1", "a", "x")).await.unwrap();
     queue.enqueue(&edit("m2", "a", "x")).await.unwrap();
     assert_eq!(
@@ -252,7 +269,7 @@ async fn queue_full_refuses_new_messages_but_coalesces() {
 #[tokio::test]
 async fn a_retried_job_is_claimed_again_with_its_content() {
     let dir = tempfile::tempdir().unwrap();
-    let (queue, _ready, _) = open(dir.path());
+    let (queue, _ready, _) = open(dir.path()).await;
     queue.enqueue(&edit("m1", "a", "v1")).await.unwrap();
     let mut job = queue.claim_now("a").unwrap();
     job.header.attempts = 1;
@@ -266,5 +283,73 @@ async fn a_retried_job_is_claimed_again_with_its_content() {
     assert_eq!((again.seq, text_of(&again)), (job.seq, "v1".to_string()));
     assert_eq!(again.header.attempts, 1);
     wait(queue.complete(&again)).await.unwrap();
+    assert_eq!(queue.stats().pending, 0);
+}
+
+/// Recovery runs in the background: restored jobs go out while it runs, content that arrived
+/// since the open waits for its end and wins over the older stored jobs of its message.
+#[tokio::test]
+async fn content_arriving_during_recovery_waits_and_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (queue, _ready, _) = open(dir.path()).await;
+        // One commit each, so one record each: m1/a1, m2/b1, m1/a2 (m1/a1 in flight), m3/c1.
+        queue.enqueue(&edit("m1", "a", "a1")).await.unwrap();
+        queue.enqueue(&edit("m2", "b", "b1")).await.unwrap();
+        let in_flight = queue.claim_now("a").unwrap();
+        queue.enqueue(&edit("m1", "a", "a2")).await.unwrap();
+        queue.enqueue(&edit("m3", "c", "c1")).await.unwrap();
+        drop(in_flight);
+        tokio::task::spawn_blocking(move || queue.close())
+            .await
+            .unwrap();
+    }
+    let config = StorageConfig {
+        path: dir.path().to_path_buf(),
+        cache_capacity: 8 * 1024 * 1024,
+        ..StorageConfig::default()
+    };
+    let (go, steps) = std::sync::mpsc::channel();
+    let (done, restored) = std::sync::mpsc::channel();
+    let (queue, _ready) = Queue::open_stepped(&config, (steps, done)).unwrap();
+    let step = || {
+        go.send(()).unwrap();
+        restored.recv().unwrap();
+    };
+    assert!(queue.recovering());
+    // Nothing restored yet: new content for m2 and m3 is accepted but not sent.
+    assert!(
+        !queue
+            .enqueue(&edit("m3", "c", "c2"))
+            .await
+            .unwrap()
+            .coalesced
+    );
+    assert!(
+        !queue
+            .enqueue(&edit("m2", "b", "b2"))
+            .await
+            .unwrap()
+            .coalesced
+    );
+    assert!(matches!(queue.claim("b").unwrap(), Claimed::NotDurable));
+    step(); // m1/a1: restored, and sent at once
+    let a1 = queue.claim_now("a").unwrap();
+    assert_eq!(text_of(&a1), "a1");
+    step(); // m2/b1: older than the fresh b2, dropped
+    step(); // m1/a2: newer than a1, waits behind it
+    assert!(queue.claim_now("a").is_none(), "never two in flight");
+    assert!(matches!(queue.claim("c").unwrap(), Claimed::NotDurable));
+    step(); // m3/c1: older than the fresh c2, dropped
+    drop(go); // and no more steps to wait for
+    let recovery = queue.recovered().await;
+    assert_eq!(recovery.superseded, 2);
+    assert!(!queue.recovering());
+    assert_eq!(text_of(&queue.claim_now("b").unwrap()), "b2");
+    assert_eq!(text_of(&queue.claim_now("c").unwrap()), "c2");
+    wait(queue.complete(&a1)).await.unwrap();
+    let a2 = queue.claim_now("a").unwrap();
+    assert_eq!(text_of(&a2), "a2");
+    wait(queue.complete(&a2)).await.unwrap();
     assert_eq!(queue.stats().pending, 0);
 }
