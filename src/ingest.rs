@@ -346,6 +346,7 @@ impl Ingest {
             "delivered_rate": m.delivered_rate.get(),
             "connections": m.ingest_connections.get(),
             "storage_error": stats.storage_error,
+            "recovering": stats.recovering,
             "token_error": self.health.token_error(),
             // The rows of the per-account series ("accounts" above is a count, kept as it was).
             "per_account": m.account_rows(),

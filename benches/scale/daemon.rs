@@ -285,9 +285,30 @@ impl Daemon {
         Ok(stats)
     }
 
-    /// Checks that exactly `edits` edits are pending or in flight.
-    pub async fn settle(&self, edits: u64) -> anyhow::Result<Backlog> {
-        let stats = self.stats().await?;
+    /// Waits for recovery (it runs in the background after the socket answers), then checks
+    /// that exactly `edits` edits are pending or in flight.
+    pub async fn settle(&mut self, edits: u64) -> anyhow::Result<Backlog> {
+        let started = std::time::Instant::now();
+        let mut stats = self.stats().await?;
+        while stats["recovering"] == true {
+            anyhow::ensure!(
+                started.elapsed() < std::time::Duration::from_secs(120),
+                "still recovering after 120 s: {stats}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            stats = self.stats().await?;
+        }
+        // The daemon logs "queue recovered ... elapsed_ms=" when its recovery ends.
+        let log = std::fs::read(&self.log_path).unwrap_or_default();
+        let recovery_ms = String::from_utf8_lossy(&log)
+            .lines()
+            .rev()
+            .filter(|line| line.contains("queue recovered"))
+            .filter_map(|line| line.split_once("elapsed_ms="))
+            .find_map(|(_, rest)| rest.split_whitespace().next()?.parse().ok());
+        if let Some(life) = self.lives.last_mut() {
+            life.start.recovery_ms = recovery_ms.or(life.start.recovery_ms);
+        }
         let backlog = Backlog {
             pending: stats["pending"].as_u64().unwrap_or(0),
             in_flight: stats["in_flight"].as_u64().unwrap_or(0),

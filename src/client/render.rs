@@ -32,6 +32,9 @@ pub fn format_stats(stats: &Value) -> String {
     if let Some(rows) = stats["per_account"].as_array() {
         out.push_str(&format_accounts(rows));
     }
+    if stats["recovering"] == true {
+        out.push_str("RECOVERING               stored edits are still being read back; new edits are accepted and sent once it is done\n");
+    }
     if let Some(error) = stats["storage_error"].as_str() {
         out.push_str(&format!("STORAGE ERROR            {error}\n"));
     }

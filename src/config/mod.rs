@@ -95,6 +95,10 @@ pub struct StorageConfig {
     /// New edits are refused (`unavailable`) while the filesystem has less free space than
     /// this, so the database never runs into a full disk mid-write.
     pub min_free_bytes: u64,
+    /// When nothing is pending, in flight or dead and the database's files take more than
+    /// this, they are rebuilt empty, giving back the space a large backlog took (sled reuses
+    /// its file's space but never shrinks it). 0: never.
+    pub shrink_above_bytes: u64,
 }
 
 #[derive(Clone, Deserialize)]
@@ -220,6 +224,7 @@ impl Default for StorageConfig {
             max_pending: 1_000_000,
             cache_capacity: 16 * 1024 * 1024,
             min_free_bytes: 256 * 1024 * 1024,
+            shrink_above_bytes: 64 * 1024 * 1024,
         }
     }
 }

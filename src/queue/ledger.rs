@@ -137,8 +137,7 @@ impl Ledger {
         self.open.entries > 0 || !self.sealed.is_empty() || !self.dirty.is_empty()
     }
 
-    /// Records on disk or about to be (for the property test).
-    #[cfg(test)]
+    /// Records on disk or about to be.
     pub fn records(&self) -> usize {
         self.records.len()
     }

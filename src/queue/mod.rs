@@ -113,6 +113,8 @@ pub struct QueueStats {
     pub dead: u64,
     pub accounts: u64,
     pub storage_error: Option<String>,
+    /// Recovery is still reading stored edits back (counts are partial meanwhile).
+    pub recovering: bool,
 }
 
 /// A waiter's view of its commit: `Err` carries the storage error text.
@@ -407,6 +409,7 @@ impl Queue {
             dead: core.dead,
             accounts: core.state.accounts() as u64,
             storage_error: core.failure.clone(),
+            recovering: core.recovering.is_some(),
         }
     }
 
@@ -659,7 +662,6 @@ fn recover(
     if core.closing {
         return;
     }
-    core.recovering = None;
     let recovery = Recovery {
         pending: core.state.pending(),
         dead,
@@ -667,8 +669,7 @@ fn recover(
         migrated,
         elapsed: started.elapsed(),
     };
-    drop(core);
-    shared.metrics.edits_superseded.inc_by(superseded);
+    // Logged before `stats` can show the end of recovery, for whoever waits for both.
     tracing::info!(
         pending = recovery.pending,
         dead = recovery.dead,
@@ -676,6 +677,9 @@ fn recover(
         elapsed_ms = recovery.elapsed.as_millis() as u64,
         "queue recovered"
     );
+    core.recovering = None;
+    drop(core);
+    shared.metrics.edits_superseded.inc_by(superseded);
     // Fresh jobs are claimable now, and superseded entries need their done bits written.
     shared.writer_wake.notify_one();
     shared.committed.notify_one();

@@ -371,6 +371,28 @@ impl Store {
 }
 
 impl Committer {
+    /// Deletes the database's files and creates an empty database in their place, for a queue
+    /// that holds nothing (the caller makes sure, and keeps everyone out meanwhile). sled never
+    /// shrinks its file; this is how the space of a drained backlog comes back. Old handles may
+    /// linger in sled's I/O threads for a moment: they keep the unlinked files, not the new
+    /// ones. A crash midway leaves an empty or missing database, which is what it held.
+    pub fn rebuild_empty(self, cache_capacity: u64) -> Result<(Store, Committer), StoreError> {
+        let path = self.path.clone();
+        drop(self);
+        for entry in std::fs::read_dir(&path)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name == "blobs" {
+                std::fs::remove_dir_all(entry.path())?;
+            } else if name == "db" || name == "conf" || name.starts_with("snap.") {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        File::open(&path)?.sync_all()?;
+        Store::open(&path, cache_capacity)
+    }
+
     /// Applies a batch atomically and makes it durable (see the module documentation).
     pub fn commit(&mut self, ops: &[Op]) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();

@@ -353,3 +353,60 @@ async fn content_arriving_during_recovery_waits_and_wins() {
     wait(queue.complete(&a2)).await.unwrap();
     assert_eq!(queue.stats().pending, 0);
 }
+
+/// Once a backlog has drained completely, its files are rebuilt empty: the space comes back,
+/// job ids go on, and the queue works as before.
+#[tokio::test]
+async fn a_drained_queue_gives_its_space_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StorageConfig {
+        path: dir.path().to_path_buf(),
+        cache_capacity: 8 * 1024 * 1024,
+        shrink_above_bytes: 1 << 20,
+        ..StorageConfig::default()
+    };
+    let (queue, _ready) = Queue::open(&config, Arc::new(Metrics::new())).unwrap();
+    queue.recovered().await;
+    let text = "x".repeat(2_000);
+    let mut last = 0;
+    for i in 0..2_000 {
+        last = queue
+            .enqueue(&edit(&format!("m{i}"), "a", &text))
+            .await
+            .unwrap()
+            .job_id;
+    }
+    let full = queue.size_on_disk().unwrap();
+    assert!(full > 1 << 20, "{full} bytes");
+    while let Some(job) = queue.claim_now("a") {
+        wait(queue.complete(&job)).await.unwrap();
+    }
+    // The commit that retired the last records is followed by the rebuild.
+    queue.settled().await.unwrap();
+    let empty = loop {
+        match queue.size_on_disk() {
+            Ok(size) => break size,
+            Err(StoreError::Reopening) => tokio::task::yield_now().await,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(empty < full / 4, "{empty} bytes left of {full}");
+    let next = queue.enqueue(&edit("after", "a", "y")).await.unwrap();
+    assert!(next.job_id > last, "job ids go on");
+    assert_eq!(text_of(&queue.claim_now("a").unwrap()), "y");
+    let queue2 = queue.clone();
+    tokio::task::spawn_blocking(move || queue2.close())
+        .await
+        .unwrap();
+    drop(queue);
+    let (queue, _ready, recovery) = open(dir.path()).await;
+    assert_eq!(recovery.pending, 1, "the edit after the rebuild is durable");
+    assert!(
+        queue
+            .enqueue(&edit("later", "a", "z"))
+            .await
+            .unwrap()
+            .job_id
+            > next.job_id
+    );
+}

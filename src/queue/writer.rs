@@ -94,6 +94,9 @@ pub(super) fn writer_loop(shared: &Shared, committer: Committer) {
                 for waiter in waiters {
                     let _ = waiter.send(Ok(()));
                 }
+                if let Some(current) = committer.take() {
+                    committer = shrink_if_drained(shared, current);
+                }
             }
             Err(e) => {
                 failures += 1;
@@ -123,6 +126,84 @@ pub(super) fn writer_loop(shared: &Shared, committer: Committer) {
                 let _ = shared
                     .writer_wake
                     .wait_timeout(core, Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Gives back the space of a drained backlog: when the queue holds nothing at all and the
+/// database's files take more than `storage.shrink_above_bytes`, they are rebuilt empty (only
+/// the job-id counter is carried over). The queue's lock is held throughout, so no edit
+/// arrives meanwhile (producers wait some milliseconds); nothing is pending, in flight, dead
+/// or uncommitted, so nothing can be lost. If the rebuild fails, new edits are refused while
+/// the database is reopened, every second, as after a failed commit; `None` if the queue
+/// closes meanwhile.
+fn shrink_if_drained(shared: &Shared, committer: Committer) -> Option<Committer> {
+    let threshold = shared.storage.shrink_above_bytes;
+    if threshold == 0 {
+        return Some(committer);
+    }
+    let size = match shared.store() {
+        Ok(store) => store.size_on_disk().unwrap_or(0),
+        Err(_) => 0,
+    };
+    if size <= threshold {
+        return Some(committer);
+    }
+    let mut core = shared.lock();
+    let empty = core.state.pending() == 0
+        && core.state.in_flight() == 0
+        && core.dead == 0
+        && core.ledger.records() == 0
+        && !core.has_writes()
+        && core.waiters.is_empty()
+        && core.recovering.is_none()
+        && core.failure.is_none()
+        && !core.closing;
+    if !empty {
+        return Some(committer);
+    }
+    let started = Instant::now();
+    // Readers (claims, dead-letter commands, stats) get "being reopened" meanwhile.
+    let old = shared
+        .store
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    drop(old);
+    let rebuilt = committer
+        .rebuild_empty(shared.storage.cache_capacity)
+        .and_then(|(store, mut committer)| {
+            committer.commit(&[super::store::put_next_seq(core.state.next_seq())])?;
+            Ok((store, committer))
+        });
+    match rebuilt {
+        Ok((store, committer)) => {
+            *shared.store.write().unwrap_or_else(|e| e.into_inner()) = Some(store);
+            tracing::info!(
+                freed_bytes = size,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "queue drained; storage rebuilt empty to give its space back"
+            );
+            Some(committer)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "rebuilding the drained storage failed; reopening");
+            core.failure = Some(format!("rebuilding the drained storage failed: {e}"));
+            drop(core);
+            shared.metrics.storage_failures.inc();
+            loop {
+                match reopen(shared) {
+                    Ok(committer) => {
+                        shared.lock().failure = None;
+                        return Some(committer);
+                    }
+                    Err(e) if !shared.lock().closing => {
+                        tracing::error!(error = %e, "reopening the storage failed; retrying");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    Err(_) => return None,
+                }
             }
         }
     }

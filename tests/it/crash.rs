@@ -48,11 +48,13 @@ async fn an_acknowledged_edit_survives_sigkill() {
 type Acked = Arc<Mutex<HashMap<String, u64>>>;
 
 /// A producer that owns `messages` message ids and edits them round-robin with increasing
-/// numbers, pipelining up to `depth` requests, reconnecting whenever the daemon goes away.
+/// numbers, pipelining up to 16 requests, reconnecting whenever the daemon goes away. Producer
+/// `id` uses account `acct{id % accounts}`.
 async fn producer(
     socket: std::path::PathBuf,
     id: usize,
     messages: usize,
+    accounts: usize,
     acked: Acked,
     stop: tokio_util::sync::CancellationToken,
 ) {
@@ -68,9 +70,12 @@ async fn producer(
         for _ in 0..16 {
             n += 1;
             let message = format!("p{id}-m{}", n % messages as u64);
-            let mut line =
-                serde_json::to_vec(&edit(&message, &format!("acct{}", id % 3), &n.to_string()))
-                    .unwrap();
+            let mut line = serde_json::to_vec(&edit(
+                &message,
+                &format!("acct{}", id % accounts),
+                &n.to_string(),
+            ))
+            .unwrap();
             line.push(b'\n');
             if tokio::io::AsyncWriteExt::write_all(&mut client.writer, &line)
                 .await
@@ -125,6 +130,7 @@ async fn random_sigkills_under_load_lose_nothing_acknowledged() {
                 daemon.socket.clone(),
                 id,
                 12,
+                3,
                 acked.clone(),
                 stop.clone(),
             ))
@@ -165,8 +171,14 @@ async fn random_sigkills_under_load_lose_nothing_acknowledged() {
         "producers made too little progress: {}",
         acked.len()
     );
-    for (message, number) in &acked {
-        let shown: u64 = shown(&zoom, message)
+    check_delivered(&zoom, &acked);
+}
+
+/// Checks that Zoom shows, for every message, at least its last acknowledged edit, and never
+/// had two requests for it at once.
+fn check_delivered(zoom: &zoomq::sandbox::Sandbox, acked: &HashMap<String, u64>) {
+    for (message, number) in acked {
+        let shown: u64 = shown(zoom, message)
             .unwrap_or_else(|| panic!("{message} never reached Zoom"))
             .parse()
             .unwrap();
@@ -181,6 +193,54 @@ async fn random_sigkills_under_load_lose_nothing_acknowledged() {
             record.max_concurrent
         );
     }
+}
+
+/// Kills that land while recovery runs in the background: a backlog of thousands of messages
+/// that Zoom keeps refusing (5xx: retried, so their entries are rewritten), producers editing
+/// them throughout (content arriving during recovery), and every restart killed within a few
+/// milliseconds of its socket answering.
+#[tokio::test]
+async fn sigkills_during_recovery_lose_nothing_acknowledged() {
+    let zoom = sandbox(SandboxConfig {
+        faults: failing(),
+        default_plan: zoomq::plan::Plan::Business,
+        ..SandboxConfig::default()
+    })
+    .await;
+    let mut daemon = TestDaemon::start(&zoom, Tweaks::default()).await;
+    let acked: Acked = Arc::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let producers: Vec<_> = (0..8)
+        .map(|id| {
+            let (socket, acked, stop) = (daemon.socket.clone(), acked.clone(), stop.clone());
+            tokio::spawn(producer(socket, id, 500, 8, acked, stop))
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    while acked.lock().unwrap().len() < 3_000 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "too slow a fill"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut rng = rand::rng();
+    for _ in 0..12 {
+        daemon.kill();
+        daemon.spawn().await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..15))).await;
+    }
+    stop.cancel();
+    for producer in producers {
+        producer.await.unwrap();
+    }
+    daemon.kill();
+    daemon.spawn().await;
+    zoom.set_faults(Faults::default());
+    let stats = daemon.drained(Duration::from_secs(120)).await;
+    assert_eq!(stats["dead"], 0, "{stats}");
+    let acked = acked.lock().unwrap().clone();
+    check_delivered(&zoom, &acked);
 }
 
 #[tokio::test]
