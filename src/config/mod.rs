@@ -222,7 +222,7 @@ impl Default for StorageConfig {
         StorageConfig {
             path: PathBuf::from("/var/lib/zoomq"),
             max_pending: 1_000_000,
-            cache_capacity: 16 * 1024 * 1024,
+            cache_capacity: 8 * 1024 * 1024,
             min_free_bytes: 256 * 1024 * 1024,
             shrink_above_bytes: 64 * 1024 * 1024,
         }
