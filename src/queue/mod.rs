@@ -184,6 +184,10 @@ struct Core {
     /// Free bytes on the database's filesystem, while below `storage.min_free_bytes`.
     space_low: Option<u64>,
     closing: bool,
+    /// The writer thread is waiting for work: only then does a change need to wake it (a
+    /// wake-up is a system call, and under load the writer is busy committing anyway and
+    /// looks for more before it waits).
+    writer_waiting: bool,
     /// While recovery runs in the background: the jobs whose content arrived since the open
     /// (new, coalesced or restored from the dead letters). They are not claimable until
     /// recovery is done (see [`recover`]).
@@ -256,6 +260,7 @@ impl Queue {
                 failure: None,
                 space_low: writer::low_space(&config.path, config.min_free_bytes),
                 closing: false,
+                writer_waiting: false,
                 recovering: Some(HashSet::new()),
             }),
             writer_wake: Condvar::new(),
@@ -314,7 +319,7 @@ impl Queue {
     pub async fn enqueue(&self, edit: &Edit) -> Result<Enqueued, EnqueueError> {
         let now = now_ms();
         let body = edit.zoom_body();
-        let (placed, commit) = {
+        let (placed, commit, wake) = {
             let mut core = self.shared.lock();
             if core.closing {
                 return Err(EnqueueError::Unavailable(
@@ -377,9 +382,11 @@ impl Queue {
                 // The replaced content failed and waited for a retry: it will never be sent.
                 self.shared.metrics.edits_superseded.inc();
             }
-            ((seq, coalesced), rx)
+            ((seq, coalesced), rx, core.writer_waiting)
         };
-        self.shared.writer_wake.notify_one();
+        if wake {
+            self.shared.writer_wake.notify_one();
+        }
         match commit.await {
             Ok(Ok(())) => {
                 let metrics = &self.shared.metrics;
@@ -743,8 +750,11 @@ impl Shared {
     fn commit_locked(&self, mut core: MutexGuard<'_, Core>) -> Commit {
         let (tx, rx) = oneshot::channel();
         core.waiters.push(tx);
+        let wake = core.writer_waiting;
         drop(core);
-        self.writer_wake.notify_one();
+        if wake {
+            self.writer_wake.notify_one();
+        }
         rx
     }
 }

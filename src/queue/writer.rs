@@ -21,6 +21,7 @@ pub(super) fn writer_loop(shared: &Shared, committer: Committer) {
                 if core.closing {
                     return;
                 }
+                core.writer_waiting = true;
                 if core.space_low.is_some() {
                     // Re-check the free space every second until it is back.
                     core = shared
@@ -38,6 +39,7 @@ pub(super) fn writer_loop(shared: &Shared, committer: Committer) {
                         .wait(core)
                         .unwrap_or_else(|e| e.into_inner());
                 }
+                core.writer_waiting = false;
             }
             let taken_gen = core.batch_gen;
             core.batch_gen += 1;

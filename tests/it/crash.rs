@@ -225,11 +225,20 @@ async fn sigkills_during_recovery_lose_nothing_acknowledged() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut rng = rand::rng();
+    let mut during_recovery = 0;
     for _ in 0..12 {
         daemon.kill();
-        daemon.spawn().await;
+        daemon.spawn_answering().await;
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..15))).await;
+        // A stats call costs a round trip; the kill follows it at once.
+        if daemon.stats().await["recovering"] == true {
+            during_recovery += 1;
+        }
     }
+    assert!(
+        during_recovery > 0,
+        "no kill landed while recovery ran: the backlog is too small to test it"
+    );
     stop.cancel();
     for producer in producers {
         producer.await.unwrap();

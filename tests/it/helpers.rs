@@ -89,8 +89,24 @@ impl TestDaemon {
         daemon
     }
 
-    /// Starts the process (again) and waits for it to answer.
+    /// Starts the process (again) and waits for it to answer and to have read back every
+    /// stored edit (recovery runs in the background after the socket answers).
     pub async fn spawn(&mut self) {
+        self.spawn_answering().await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.stats().await["recovering"] != false {
+            assert!(
+                Instant::now() < deadline,
+                "zoomq did not finish its recovery\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Starts the process (again) and waits only for its socket to answer: recovery may
+    /// still be running.
+    pub async fn spawn_answering(&mut self) {
         assert!(self.child.is_none(), "already running");
         let stderr = if std::env::var_os("TEST_LOG").is_some() {
             Stdio::inherit()
@@ -202,12 +218,13 @@ impl TestDaemon {
         self.client().await.call(&json!({"op": "stats"})).await
     }
 
-    /// Waits until nothing is pending or in flight.
+    /// Waits until nothing is pending or in flight (and recovery, which reads stored edits
+    /// back after a start, is done: until then the counts are partial).
     pub async fn drained(&self, within: Duration) -> Value {
         let deadline = Instant::now() + within;
         loop {
             let stats = self.stats().await;
-            if stats["pending"] == 0 && stats["in_flight"] == 0 {
+            if stats["pending"] == 0 && stats["in_flight"] == 0 && stats["recovering"] == false {
                 return stats;
             }
             assert!(
