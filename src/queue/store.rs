@@ -41,6 +41,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use super::entry::{encode_header, entries, EntryRef};
+
 /// Bodies per record before it is sealed and a new one started. Small enough that sled keeps
 /// a record inline in its log (it moves values over ~128 KiB with their node to blob files,
 /// each an extra file to sync), large enough that a busy commit is a few inserts.
@@ -127,7 +129,7 @@ fn number_of(key: &[u8]) -> Result<u64, StoreError> {
         })
 }
 
-fn corrupt(prefix: u8, n: u64, detail: impl Into<String>) -> StoreError {
+pub(super) fn corrupt(prefix: u8, n: u64, detail: impl Into<String>) -> StoreError {
     StoreError::Corrupt {
         key: format!("{}{n}", prefix as char),
         detail: detail.into(),
@@ -150,171 +152,6 @@ pub fn put_dead_body(seq: u64, updated_ms: u64, body: &[u8]) -> Op {
 
 pub fn put_next_seq(next_seq: u64) -> Op {
     Op::Put(NEXT_SEQ_KEY.to_vec(), next_seq.to_be_bytes().to_vec())
-}
-
-/// A job's state as one record entry stores it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EntryRef<'a> {
-    pub seq: u64,
-    pub enqueued_ms: u64,
-    /// When the content was acknowledged (unix ms).
-    pub updated_ms: u64,
-    pub attempts: u32,
-    pub next_attempt_ms: u64,
-    pub first_failure_ms: Option<u64>,
-    pub message_id: &'a str,
-    pub account_id: &'a str,
-    /// Length of the body (the bodies themselves are in the record's `b` value).
-    pub body_len: u32,
-}
-
-impl EntryRef<'_> {
-    pub fn header(&self) -> JobHeader {
-        JobHeader {
-            message_id: self.message_id.to_string(),
-            account_id: self.account_id.to_string(),
-            enqueued_ms: self.enqueued_ms,
-            attempts: self.attempts,
-            next_attempt_ms: self.next_attempt_ms,
-            first_failure_ms: self.first_failure_ms,
-        }
-    }
-}
-
-/// Appends one entry's header to a record's `h` value: LEB128 varints, so that a typical
-/// entry (small numbers, times close to each other, no retry state) takes about 12 bytes
-/// besides its ids. Recovery reads every header of the backlog, and what it reads sled keeps
-/// in memory for a while, so these bytes count twice.
-///
-/// Fields in order: seq; updated_ms; updated_ms − enqueued_ms (zigzag: the wall clock may
-/// step back); attempts; next_attempt_ms and first_failure_ms (0 for none, else their
-/// distance from updated_ms, zigzag, plus one); body length; message id and account id, each
-/// length-prefixed.
-pub fn encode_header(out: &mut Vec<u8>, entry: &EntryRef<'_>) {
-    let relative = |t: u64| match t {
-        0 => 0,
-        t => zigzag(t.wrapping_sub(entry.updated_ms) as i64) + 1,
-    };
-    put_varint(out, entry.seq);
-    put_varint(out, entry.updated_ms);
-    put_varint(
-        out,
-        zigzag(entry.updated_ms.wrapping_sub(entry.enqueued_ms) as i64),
-    );
-    put_varint(out, u64::from(entry.attempts));
-    put_varint(out, relative(entry.next_attempt_ms));
-    put_varint(out, relative(entry.first_failure_ms.unwrap_or(0)));
-    put_varint(out, u64::from(entry.body_len));
-    for text in [entry.message_id, entry.account_id] {
-        put_varint(out, text.len() as u64);
-        out.extend_from_slice(text.as_bytes());
-    }
-}
-
-fn put_varint(out: &mut Vec<u8>, mut n: u64) {
-    while n >= 0x80 {
-        out.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
-}
-
-fn zigzag(n: i64) -> u64 {
-    ((n << 1) ^ (n >> 63)) as u64
-}
-
-fn unzigzag(n: u64) -> i64 {
-    ((n >> 1) as i64) ^ -((n & 1) as i64)
-}
-
-/// Reads a varint from the front of `rest`; `None` when truncated or longer than 64 bits.
-fn take_varint(rest: &mut &[u8]) -> Option<u64> {
-    let mut n = 0u64;
-    for (i, &byte) in rest.iter().enumerate().take(10) {
-        let bits = u64::from(byte & 0x7f);
-        if i == 9 && byte > 1 {
-            return None;
-        }
-        n |= bits << (7 * i);
-        if byte & 0x80 == 0 {
-            *rest = &rest[i + 1..];
-            return Some(n);
-        }
-    }
-    None
-}
-
-/// The entries of a record's `h` value, in order, with each body's offset in the `b` value.
-pub struct Entries<'a> {
-    rest: &'a [u8],
-    body_offset: u64,
-    record: u64,
-}
-
-pub fn entries(record: u64, headers: &[u8]) -> Entries<'_> {
-    Entries {
-        rest: headers,
-        body_offset: 0,
-        record,
-    }
-}
-
-impl<'a> Entries<'a> {
-    fn decode(&mut self) -> Option<EntryRef<'a>> {
-        let rest = &mut self.rest;
-        let seq = take_varint(rest)?;
-        let updated_ms = take_varint(rest)?;
-        let enqueued_ms = updated_ms.wrapping_sub(unzigzag(take_varint(rest)?) as u64);
-        let attempts = u32::try_from(take_varint(rest)?).ok()?;
-        let absolute = |n: u64| match n {
-            0 => 0,
-            n => updated_ms.wrapping_add(unzigzag(n - 1) as u64),
-        };
-        let next_attempt_ms = absolute(take_varint(rest)?);
-        let first_failure = absolute(take_varint(rest)?);
-        let body_len = u32::try_from(take_varint(rest)?).ok()?;
-        let mut texts = [""; 2];
-        for text in &mut texts {
-            let len = usize::try_from(take_varint(rest)?).ok()?;
-            if rest.len() < len {
-                return None;
-            }
-            *text = std::str::from_utf8(&rest[..len]).ok()?;
-            *rest = &rest[len..];
-        }
-        Some(EntryRef {
-            seq,
-            enqueued_ms,
-            updated_ms,
-            attempts,
-            next_attempt_ms,
-            first_failure_ms: (first_failure != 0).then_some(first_failure),
-            message_id: texts[0],
-            account_id: texts[1],
-            body_len,
-        })
-    }
-}
-
-impl<'a> Iterator for Entries<'a> {
-    type Item = Result<(EntryRef<'a>, u64), StoreError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.rest.is_empty() {
-            return None;
-        }
-        let Some(entry) = self.decode() else {
-            self.rest = &[];
-            return Some(Err(corrupt(
-                HEADERS,
-                self.record,
-                "truncated or malformed entry header",
-            )));
-        };
-        let offset = self.body_offset;
-        self.body_offset += u64::from(entry.body_len);
-        Some(Ok((entry, offset)))
-    }
 }
 
 /// A stored record's headers and done bitmap, as recovery reads them.
@@ -632,61 +469,4 @@ pub fn write_v1(
     db.insert(NEXT_SEQ_KEY, &(last + 1).to_be_bytes()[..])?;
     db.flush()?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn entries_round_trip() {
-        let first = EntryRef {
-            seq: 1 << 40,
-            enqueued_ms: 1_700_000_000_001,
-            updated_ms: 1_700_000_000_002,
-            attempts: 7,
-            next_attempt_ms: 1_700_000_000_003,
-            first_failure_ms: Some(1_700_000_000_004),
-            message_id: "message-é",
-            account_id: "",
-            body_len: 5,
-        };
-        let second = EntryRef {
-            seq: 2,
-            first_failure_ms: None,
-            message_id: "m2",
-            account_id: "acct",
-            body_len: 0,
-            ..first
-        };
-        // The clock stepped back: times before the ack time, an enqueue time after it.
-        let third = EntryRef {
-            enqueued_ms: 1_800_000_000_000,
-            next_attempt_ms: 1,
-            first_failure_ms: Some(1_600_000_000_000),
-            attempts: u32::MAX,
-            body_len: u32::MAX,
-            ..second
-        };
-        let mut headers = Vec::new();
-        encode_header(&mut headers, &first);
-        let boundary = headers.len();
-        encode_header(&mut headers, &second);
-        let decoded: Vec<_> = entries(9, &headers).map(Result::unwrap).collect();
-        assert_eq!(decoded, vec![(first, 0), (second, 5)]);
-        let mut alone = Vec::new();
-        encode_header(&mut alone, &third);
-        assert_eq!(entries(9, &alone).next().unwrap().unwrap(), (third, 0));
-        // Truncated anywhere: an error naming the record, never a panic or a wrong entry.
-        for cut in 1..headers.len() {
-            if cut == boundary {
-                continue;
-            }
-            let last = entries(9, &headers[..cut]).last().unwrap();
-            assert!(
-                matches!(last, Err(StoreError::Corrupt { .. })),
-                "cut at {cut}"
-            );
-        }
-    }
 }
