@@ -12,7 +12,10 @@ use super::{now_ms, state, Recovery, Shared};
 /// committing every few thousand so that a large old queue converts in bounded memory. Each
 /// commit writes the new entries and deletes the old keys together: a crash midway leaves
 /// every job in exactly one layout. Recovery then reads the converted jobs like any others.
-pub(super) fn migrate_v1(store: &Store, committer: &mut store::Committer) -> Result<u64, StoreError> {
+pub(super) fn migrate_v1(
+    store: &Store,
+    committer: &mut store::Committer,
+) -> Result<u64, StoreError> {
     let mut migrated = 0;
     let mut ledger = Ledger::new(store.last_record()?.map_or(1, |r| r + 1));
     let mut next_seq = store.next_seq()?;
@@ -197,4 +200,3 @@ impl Shared {
         Done(self)
     }
 }
-
