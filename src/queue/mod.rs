@@ -32,6 +32,7 @@ pub use delivery::{Claimed, Head};
 mod entry;
 mod ledger;
 mod recovery;
+mod slab;
 mod state;
 mod store;
 mod writer;

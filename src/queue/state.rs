@@ -11,30 +11,20 @@
 //!   `ready` or `delayed` when that job finishes.
 //!
 //! # Memory
-//! The index is what a million pending edits cost in memory, so it is kept small: about 56
-//! bytes a message in a slab allocated in fixed chunks (no doubling copies), 4 bytes in a hash
-//! table, and about 25 in its account's ready line. Messages are known by a 128-bit key, two
-//! independently keyed SipHash-1-3 hashes of the message id (random keys per process), not by
-//! the id itself: ids may be 256 bytes long, and the id is in the job's stored entry whenever
-//! it is needed. Two live messages would share a key with a probability of about `n² / 2¹²⁹`
-//! (10⁻²⁷ for a million), and nobody can aim at it without the process's keys. Accounts are
-//! interned once each.
+//! The index is what a million pending edits cost in memory, so it is kept small: a 56-byte
+//! slot per message in `slab.rs` (which also says how messages are known by a hashed key, not
+//! their id), about 25 bytes in its account's ready line, and retry state only for jobs that
+//! have any. Accounts are interned once each.
 //!
 //! **Invariant:** `pending`, `in_flight` and the sizes of the sets above always agree; the tests
 //! check it after every step.
 
-use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use hashbrown::HashTable;
-
 use super::ledger::Loc;
-
-/// A message's identity in the index (see the module documentation).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct MessageKey([u64; 2]);
+pub use super::slab::MessageKey;
+use super::slab::{Keyed, Slab};
 
 /// What the index keeps of a pending job's stored state, so that a coalesced edit or a retry
 /// can write the job's new entry without reading the old one back.
@@ -86,8 +76,11 @@ struct Slot {
     pending: PendingJob,
 }
 
-/// Slots are allocated in chunks of this many, so the slab never moves what it holds.
-const CHUNK: usize = 4096;
+impl Keyed for Slot {
+    fn key(&self) -> MessageKey {
+        self.key
+    }
+}
 
 #[derive(Debug, Default)]
 struct AccountLine {
@@ -155,13 +148,7 @@ pub struct Finished {
 
 /// The index. See the module documentation.
 pub struct State {
-    hashers: [RandomState; 2],
-    /// Slot storage: chunks of `CHUNK`; free slots are listed in `free_slots`.
-    chunks: Vec<Box<[Slot]>>,
-    free_slots: Vec<u32>,
-    used_slots: u32,
-    /// Message key → slot number; hashed by the key's first half (already a keyed hash).
-    by_key: HashTable<u32>,
+    slots: Slab<Slot>,
     lines: Vec<Option<AccountLine>>,
     free_lines: Vec<u32>,
     line_of: HashMap<Arc<str>, u32>,
@@ -187,11 +174,7 @@ impl std::fmt::Debug for State {
 impl State {
     pub fn new(next_seq: u64) -> State {
         State {
-            hashers: [RandomState::new(), RandomState::new()],
-            chunks: Vec::new(),
-            free_slots: Vec::new(),
-            used_slots: 0,
-            by_key: HashTable::new(),
+            slots: Slab::new(),
             lines: Vec::new(),
             free_lines: Vec::new(),
             line_of: HashMap::new(),
@@ -205,10 +188,7 @@ impl State {
 
     /// The key the index knows `message` by.
     pub fn key(&self, message: &str) -> MessageKey {
-        MessageKey([
-            self.hashers[0].hash_one(message),
-            self.hashers[1].hash_one(message),
-        ])
+        self.slots.key(message)
     }
 
     pub fn pending(&self) -> u64 {
@@ -246,11 +226,11 @@ impl State {
     // ---- slots ----
 
     fn slot(&self, n: u32) -> &Slot {
-        &self.chunks[n as usize / CHUNK][n as usize % CHUNK]
+        self.slots.get(n)
     }
 
     fn slot_mut(&mut self, n: u32) -> &mut Slot {
-        &mut self.chunks[n as usize / CHUNK][n as usize % CHUNK]
+        self.slots.get_mut(n)
     }
 
     /// Makes a pending job, keeping its retry state aside if it has any.
@@ -295,9 +275,7 @@ impl State {
     }
 
     fn find(&self, key: MessageKey) -> Option<u32> {
-        self.by_key
-            .find(key.0[0], |&n| self.slot(n).key == key)
-            .copied()
+        self.slots.find(key)
     }
 
     fn find_str(&self, message: &str) -> Option<u32> {
@@ -305,51 +283,17 @@ impl State {
     }
 
     fn new_slot(&mut self, key: MessageKey, account: u32) -> u32 {
-        let n = match self.free_slots.pop() {
-            Some(n) => n,
-            None => {
-                let n = self.used_slots;
-                if n as usize == self.chunks.len() * CHUNK {
-                    self.chunks
-                        .push(vec![Slot::default(); CHUNK].into_boxed_slice());
-                }
-                self.used_slots += 1;
-                n
-            }
-        };
-        *self.slot_mut(n) = Slot {
+        self.slots.insert(Slot {
             key,
             account,
             in_flight: 0,
             pending: PendingJob::default(),
-        };
-        let chunks = &self.chunks;
-        self.by_key.insert_unique(key.0[0], n, |&m| {
-            chunks[m as usize / CHUNK][m as usize % CHUNK].key.0[0]
-        });
-        n
+        })
     }
 
     fn remove_slot(&mut self, n: u32) {
-        let slot = *self.slot(n);
-        if let Ok(entry) = self.by_key.find_entry(slot.key.0[0], |&m| m == n) {
-            entry.remove();
-        }
-        self.free_slots.push(n);
-        // Give memory back once the slots at the end of the slab are all free: a drained
-        // backlog does not keep its peak.
-        self.shrink_slots();
+        let slot = self.slots.remove(n);
         self.release_line(slot.account);
-    }
-
-    fn shrink_slots(&mut self) {
-        if self.free_slots.len() as u32 != self.used_slots || self.used_slots == 0 {
-            return;
-        }
-        self.free_slots = Vec::new();
-        self.chunks = Vec::new();
-        self.used_slots = 0;
-        self.by_key = HashTable::new();
     }
 
     // ---- accounts ----
@@ -790,19 +734,7 @@ impl State {
     /// Checks the counters against the structure (tests only; O(n)).
     #[cfg(test)]
     pub fn check(&self) {
-        let free: std::collections::HashSet<u32> = self.free_slots.iter().copied().collect();
-        let live: Vec<(u32, Slot)> = (0..self.used_slots)
-            .filter(|n| !free.contains(n))
-            .map(|n| (n, *self.slot(n)))
-            .collect();
-        assert_eq!(live.len(), self.by_key.len(), "hash table and slab agree");
-        for (n, slot) in &live {
-            assert_eq!(
-                self.find(slot.key),
-                Some(*n),
-                "slot {n} is found by its key"
-            );
-        }
+        let live = self.slots.live();
         let pending = live.iter().filter(|(_, s)| s.pending.is_some()).count() as u64;
         let in_flight = live.iter().filter(|(_, s)| s.in_flight != 0).count() as u64;
         assert_eq!(pending, self.pending);
