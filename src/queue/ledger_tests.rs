@@ -174,8 +174,6 @@ impl Harness {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
-
     #[test]
     fn disk_holds_exactly_the_live_entries(steps in proptest::collection::vec(step(), 1..120)) {
         let mut h = Harness {
