@@ -29,6 +29,9 @@ impl Queue {
     /// Puts dead letters back in the queue (first in line: they keep their job id). One whose
     /// message has a newer pending edit is superseded and deleted instead.
     pub async fn dead_retry(&self, selector: &Selector) -> Result<DeadOutcome, String> {
+        // A dead letter is older than any job its message got since, but recovery takes
+        // whatever arrives while it runs for newer than anything stored: wait for it to end.
+        self.recovered().await;
         let _serial = self.shared.dead_ops.lock().await;
         self.settled().await?;
         let records = self.select_dead(selector)?;
@@ -52,7 +55,10 @@ impl Queue {
                     tracing::error!(job_id = seq, "dead letter without a body; dropped");
                     continue;
                 };
-                if core.state.pending_of(message).is_some() {
+                // A newer job of the message, pending or in flight, wins: sent after it, the
+                // dead letter would take back newer content.
+                let newer_in_flight = core.state.in_flight_of(message).is_some_and(|s| s > seq);
+                if core.state.pending_of(message).is_some() || newer_in_flight {
                     outcome.superseded += 1;
                     continue;
                 }
@@ -80,9 +86,6 @@ impl Queue {
                         .restore(&header.message_id, &header.account_id, seq, 0, stored, now);
                 if let Some((_, Some(loser))) = restored.superseded {
                     core.ledger.done(loser);
-                }
-                if let Some(fresh) = core.recovering.as_mut() {
-                    fresh.insert(seq);
                 }
                 self.shared.announce(restored.announce);
                 outcome.affected += 1;

@@ -191,6 +191,9 @@ struct Core {
     /// wake-up is a system call, and under load the writer is busy committing anyway and
     /// looks for more before it waits).
     writer_waiting: bool,
+    /// Recovery could not read the stored records back: kept apart from `failure`, which a
+    /// later successful commit clears, because this one lasts until a restart.
+    recovery_failure: Option<String>,
     /// While recovery runs in the background: the jobs whose content arrived since the open
     /// (new, coalesced or restored from the dead letters). They are not claimable until
     /// recovery is done (see [`recovery::recover`]).
@@ -264,6 +267,7 @@ impl Queue {
                 space_low: writer::low_space(&config.path, config.min_free_bytes),
                 closing: false,
                 writer_waiting: false,
+                recovery_failure: None,
                 recovering: Some(HashSet::new()),
             }),
             writer_wake: Condvar::new(),
@@ -337,7 +341,7 @@ impl Queue {
                     self.shared.storage.min_free_bytes
                 )));
             }
-            if let Some(failure) = &core.failure {
+            if let Some(failure) = core.failure.as_ref().or(core.recovery_failure.as_ref()) {
                 return Err(EnqueueError::Unavailable(format!(
                     "storage is failing ({failure}); the edit was not accepted, try again later"
                 )));
@@ -418,7 +422,10 @@ impl Queue {
             in_flight: core.state.in_flight(),
             dead: core.dead,
             accounts: core.state.accounts() as u64,
-            storage_error: core.failure.clone(),
+            storage_error: core
+                .failure
+                .clone()
+                .or_else(|| core.recovery_failure.clone()),
             recovering: core.recovering.is_some(),
         }
     }

@@ -143,7 +143,7 @@ pub(super) fn recover(
         // Stay conservative: what was restored is delivered, but nothing new is accepted and
         // what arrived since the open is never sent ahead of what could not be read.
         tracing::error!(error = %e, "queue recovery failed; refusing new edits");
-        core.failure = Some(format!("recovery failed: {e}"));
+        core.recovery_failure = Some(format!("recovery failed: {e}; restart the daemon"));
         return;
     }
     if core.closing {

@@ -212,21 +212,36 @@ impl Committer {
     /// that holds nothing (the caller makes sure, and keeps everyone out meanwhile). sled never
     /// shrinks its file; this is how the space of a drained backlog comes back. Old handles may
     /// linger in sled's I/O threads for a moment: they keep the unlinked files, not the new
-    /// ones. A crash midway leaves an empty or missing database, which is what it held.
+    /// ones.
     pub fn rebuild_empty(self, cache_capacity: u64) -> Result<(Store, Committer), StoreError> {
         let path = self.path.clone();
         drop(self);
+        // In this order, each step made durable before the next, so that whatever a crash
+        // leaves opens as an empty database: without its snapshots sled reads its log again,
+        // a missing log is a new one, orphaned blobs are never read, `conf` alone is nothing.
+        let sync_dir = || File::open(&path).and_then(|d| d.sync_all());
+        let mut names: Vec<(u8, std::ffi::OsString)> = Vec::new();
         for entry in std::fs::read_dir(&path)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name == "blobs" {
-                std::fs::remove_dir_all(entry.path())?;
-            } else if name == "db" || name == "conf" || name.starts_with("snap.") {
-                std::fs::remove_file(entry.path())?;
-            }
+            let name = entry?.file_name();
+            let step = match name.to_string_lossy() {
+                n if n.starts_with("snap.") => 0,
+                n if n == "db" => 1,
+                n if n == "blobs" => 2,
+                n if n == "conf" => 3,
+                _ => continue,
+            };
+            names.push((step, name));
         }
-        File::open(&path)?.sync_all()?;
+        names.sort();
+        for (step, name) in names {
+            let target = path.join(&name);
+            if step == 2 {
+                std::fs::remove_dir_all(target)?;
+            } else {
+                std::fs::remove_file(target)?;
+            }
+            sync_dir()?;
+        }
         Store::open(&path, cache_capacity)
     }
 

@@ -416,3 +416,49 @@ async fn a_drained_queue_gives_its_space_back() {
             > next.job_id
     );
 }
+
+/// A dead letter put back while recovery runs is older than what its message got since: it
+/// waits for recovery and loses to the newer stored edit, never the other way round.
+#[tokio::test]
+async fn a_dead_letter_put_back_during_recovery_loses_to_newer_stored_edits() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (queue, _ready, _) = open(dir.path()).await;
+        queue.enqueue(&edit("m1", "a", "old")).await.unwrap();
+        let job = queue.claim_now("a").unwrap();
+        let info = DeadInfo {
+            reason: "rejected",
+            status: Some(400),
+            zoom_code: Some(7001),
+            detail: "bad".into(),
+        };
+        wait(queue.dead_letter(&job, info)).await.unwrap();
+        // Acknowledged, newer than the dead letter.
+        queue.enqueue(&edit("m1", "a", "newer")).await.unwrap();
+        tokio::task::spawn_blocking(move || queue.close())
+            .await
+            .unwrap();
+    }
+    let config = StorageConfig {
+        path: dir.path().to_path_buf(),
+        cache_capacity: 8 * 1024 * 1024,
+        ..StorageConfig::default()
+    };
+    let (go, steps) = std::sync::mpsc::channel();
+    let (done, restored) = std::sync::mpsc::channel();
+    let (queue, _ready) = Queue::open_stepped(&config, (steps, done)).unwrap();
+    // The operator retries the dead letters before recovery has reached the newer edit.
+    let retry = tokio::spawn({
+        let queue = queue.clone();
+        async move { queue.dead_retry(&Selector::All).await }
+    });
+    tokio::task::yield_now().await;
+    go.send(()).unwrap();
+    restored.recv().unwrap();
+    drop(go);
+    let outcome = retry.await.unwrap().unwrap();
+    assert_eq!((outcome.affected, outcome.superseded), (0, 1));
+    let job = queue.claim_now("a").unwrap();
+    assert_eq!(text_of(&job), "newer", "the acknowledged newer edit wins");
+    assert!(queue.claim_now("a").is_none());
+}
