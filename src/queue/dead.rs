@@ -2,9 +2,8 @@
 //! newer edit of the message is pending) and purge. Serialized by `Shared::dead_ops`, because each
 //! reads sled and must see the previous command's writes committed.
 
-use super::state::Stored;
 use super::store::{key, EntryRef, Op, DEAD, DEAD_BODY};
-use super::{now_ms, wait, DeadOutcome, DeadRecord, Queue, StoreError};
+use super::{now_ms, wait, DeadOutcome, DeadRecord, JobHeader, Queue, StoreError};
 use crate::protocol::Selector;
 
 impl Queue {
@@ -62,25 +61,15 @@ impl Queue {
                     outcome.superseded += 1;
                     continue;
                 }
-                let header = &record.header;
-                let entry = EntryRef {
-                    seq,
-                    enqueued_ms: header.enqueued_ms,
-                    updated_ms,
+                // Back in line with a clean retry state.
+                let header = JobHeader {
                     attempts: 0,
                     next_attempt_ms: 0,
                     first_failure_ms: None,
-                    message_id: &header.message_id,
-                    account_id: &header.account_id,
-                    body_len: body.len() as u32,
+                    ..record.header
                 };
-                let loc = core.write_entry(&entry, &body);
-                let stored = Stored {
-                    loc: Some(loc),
-                    enqueued_ms: header.enqueued_ms,
-                    attempts: 0,
-                    first_failure_ms: None,
-                };
+                let entry = EntryRef::new(seq, &header, updated_ms, &body);
+                let stored = entry.stored(core.write_entry(&entry, &body));
                 let restored =
                     core.state
                         .restore(&header.message_id, &header.account_id, seq, 0, stored, now);

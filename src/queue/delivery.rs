@@ -148,29 +148,14 @@ impl Queue {
     pub fn retry_later(&self, job: &Job, failed: bool) -> (bool, Commit) {
         let mut core = self.shared.lock();
         let header = &job.header;
+        let entry = EntryRef::new(job.seq, header, job.updated_ms, &job.body);
         let mut loc = job.loc;
         if failed && !core.state.would_supersede(&header.message_id, job.seq) {
             // The retry state changed: the job gets a new entry, the old one retires.
-            let entry = EntryRef {
-                seq: job.seq,
-                enqueued_ms: header.enqueued_ms,
-                updated_ms: job.updated_ms,
-                attempts: header.attempts,
-                next_attempt_ms: header.next_attempt_ms,
-                first_failure_ms: header.first_failure_ms,
-                message_id: &header.message_id,
-                account_id: &header.account_id,
-                body_len: job.body.len() as u32,
-            };
             loc = core.write_entry(&entry, &job.body);
             core.ledger.done(job.loc);
         }
-        let stored = Stored {
-            loc: Some(loc),
-            enqueued_ms: header.enqueued_ms,
-            attempts: header.attempts,
-            first_failure_ms: header.first_failure_ms,
-        };
+        let stored = entry.stored(loc);
         let superseded = self.requeue_locked(
             &mut core,
             &header.message_id,

@@ -2,6 +2,8 @@
 //! record's `h` value, bodies concatenated in its `b` value (the layout is in `store.rs`). Pure
 //! bytes in and out; what to write and what is live is decided elsewhere.
 
+use super::ledger::Loc;
+use super::state::Stored;
 use super::store::{corrupt, JobHeader, StoreError, HEADERS};
 
 /// A job's state as one record entry stores it.
@@ -20,7 +22,32 @@ pub struct EntryRef<'a> {
     pub body_len: u32,
 }
 
-impl EntryRef<'_> {
+impl<'a> EntryRef<'a> {
+    /// The entry of job `seq` with this header and `body`, acknowledged at `updated_ms`.
+    pub fn new(seq: u64, header: &'a JobHeader, updated_ms: u64, body: &[u8]) -> EntryRef<'a> {
+        EntryRef {
+            seq,
+            enqueued_ms: header.enqueued_ms,
+            updated_ms,
+            attempts: header.attempts,
+            next_attempt_ms: header.next_attempt_ms,
+            first_failure_ms: header.first_failure_ms,
+            message_id: &header.message_id,
+            account_id: &header.account_id,
+            body_len: body.len() as u32,
+        }
+    }
+
+    /// What the index keeps of this entry, stored at `loc`.
+    pub fn stored(&self, loc: Loc) -> Stored {
+        Stored {
+            loc: Some(loc),
+            enqueued_ms: self.enqueued_ms,
+            attempts: self.attempts,
+            first_failure_ms: self.first_failure_ms,
+        }
+    }
+
     pub fn header(&self) -> JobHeader {
         JobHeader {
             message_id: self.message_id.to_string(),

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use super::ledger::{self, Ledger, Loc};
 use super::store::{self, put_next_seq, EntryRef, Store, StoreError};
-use super::{now_ms, state, Recovery, Shared};
+use super::{now_ms, Recovery, Shared};
 
 /// Converts jobs stored in the layout of earlier versions (one key pair per job) to records,
 /// committing every few thousand so that a large old queue converts in bounded memory. Each
@@ -24,18 +24,7 @@ pub(super) fn migrate_v1(
     while jobs.peek().is_some() || !ops.is_empty() {
         for item in jobs.by_ref().take(4096) {
             let (seq, header, updated_ms, body) = item?;
-            let entry = EntryRef {
-                seq,
-                enqueued_ms: header.enqueued_ms,
-                updated_ms,
-                attempts: header.attempts,
-                next_attempt_ms: header.next_attempt_ms,
-                first_failure_ms: header.first_failure_ms,
-                message_id: &header.message_id,
-                account_id: &header.account_id,
-                body_len: body.len() as u32,
-            };
-            ledger.append(&entry, &body);
+            ledger.append(&EntryRef::new(seq, &header, updated_ms, &body), &body);
             ops.extend(store::v1_deletes(seq));
             next_seq = next_seq.max(seq + 1);
             migrated += 1;
@@ -119,12 +108,7 @@ pub(super) fn recover(
                     entry.account_id,
                     entry.seq,
                     entry.next_attempt_ms,
-                    state::Stored {
-                        loc: Some(loc),
-                        enqueued_ms: entry.enqueued_ms,
-                        attempts: entry.attempts,
-                        first_failure_ms: entry.first_failure_ms,
-                    },
+                    entry.stored(loc),
                     now,
                 );
                 shared.announce(restored.announce);
