@@ -443,15 +443,12 @@ impl Queue {
         let Some((record, live)) = oldest else {
             return Ok(None);
         };
-        let store = self.shared.store()?;
-        let mut enqueued = None::<u64>;
-        for index in live {
-            // An uncommitted record is not readable yet: then there is no age to tell.
-            if let Some(loaded) = store.load_header(record, index)? {
-                enqueued = Some(enqueued.map_or(loaded.enqueued_ms, |e| e.min(loaded.enqueued_ms)));
-            }
-        }
-        Ok(enqueued.map(|e| Duration::from_millis(now_ms().saturating_sub(e))))
+        // An uncommitted record is not readable yet: then there is no age to tell.
+        let Some(times) = self.shared.store()?.enqueue_times(record)? else {
+            return Ok(None);
+        };
+        let enqueued = live.iter().filter_map(|&i| times.get(i as usize)).min();
+        Ok(enqueued.map(|&e| Duration::from_millis(now_ms().saturating_sub(e))))
     }
 
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {

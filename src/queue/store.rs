@@ -359,13 +359,13 @@ impl Store {
         }))
     }
 
-    /// The header of entry `index` of `record`, without its body.
-    pub fn load_header(&self, record: u64, index: u32) -> Result<Option<JobHeader>, StoreError> {
+    /// The enqueue time of every entry of `record`, in entry order (one read, no body).
+    pub fn enqueue_times(&self, record: u64) -> Result<Option<Vec<u64>>, StoreError> {
         let Some(headers) = self.db.get(key(HEADERS, record))? else {
             return Ok(None);
         };
-        let entry = entries(record, &headers).nth(index as usize).transpose()?;
-        Ok(entry.map(|(entry, _)| entry.header()))
+        let times = entries(record, &headers).map(|e| e.map(|(entry, _)| entry.enqueued_ms));
+        Ok(Some(times.collect::<Result<_, _>>()?))
     }
 
     pub fn dead(&self, seq: u64) -> Result<Option<DeadRecord>, StoreError> {

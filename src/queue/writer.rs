@@ -145,13 +145,8 @@ fn shrink_if_drained(shared: &Shared, committer: Committer) -> Option<Committer>
     if threshold == 0 {
         return Some(committer);
     }
-    let size = match shared.store() {
-        Ok(store) => store.size_on_disk().unwrap_or(0),
-        Err(_) => 0,
-    };
-    if size <= threshold {
-        return Some(committer);
-    }
+    // The emptiness test is in memory and comes first: this runs after every commit, and
+    // asking sled for its size reads the directory.
     let mut core = shared.lock();
     let empty = core.state.pending() == 0
         && core.state.in_flight() == 0
@@ -163,6 +158,13 @@ fn shrink_if_drained(shared: &Shared, committer: Committer) -> Option<Committer>
         && core.failure.is_none()
         && !core.closing;
     if !empty {
+        return Some(committer);
+    }
+    let size = match shared.store() {
+        Ok(store) => store.size_on_disk().unwrap_or(0),
+        Err(_) => 0,
+    };
+    if size <= threshold {
         return Some(committer);
     }
     let started = Instant::now();
