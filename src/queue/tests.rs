@@ -14,12 +14,34 @@ fn edit(message: &str, account: &str, text: &str) -> Edit {
     }
 }
 
-async fn open(dir: &std::path::Path) -> (Queue, mpsc::UnboundedReceiver<Arc<str>>, Recovery) {
-    let config = StorageConfig {
+/// The storage configuration of these tests: a small cache in `dir`.
+fn config(dir: &std::path::Path) -> StorageConfig {
+    StorageConfig {
         path: dir.to_path_buf(),
         cache_capacity: 8 * 1024 * 1024,
         ..StorageConfig::default()
-    };
+    }
+}
+
+/// Commits everything and lets go of the database, as a stop does.
+async fn close(queue: Queue) {
+    tokio::task::spawn_blocking(move || queue.close())
+        .await
+        .unwrap();
+}
+
+/// Zoom's answer to an edit of a message it does not know.
+fn rejected() -> DeadInfo {
+    DeadInfo {
+        reason: "rejected",
+        status: Some(400),
+        zoom_code: Some(7001),
+        detail: "bad".into(),
+    }
+}
+
+async fn open(dir: &std::path::Path) -> (Queue, mpsc::UnboundedReceiver<Arc<str>>, Recovery) {
+    let config = config(dir);
     // sled lets go of its file lock only once its I/O threads are done with the previous
     // handle, a moment after the last one is dropped.
     let mut tries = 0;
@@ -106,9 +128,7 @@ async fn restart_recovers_pending_and_in_flight_keeping_newest() {
         queue.enqueue(&edit("m1", "a", "new")).await.unwrap();
         // Crash with m1's old edit in flight and its newer edit pending.
         drop(job);
-        tokio::task::spawn_blocking(move || queue.close())
-            .await
-            .unwrap();
+        close(queue).await;
     }
     let (queue, _ready, recovery) = open(dir.path()).await;
     assert_eq!(recovery.pending, 2);
@@ -154,9 +174,7 @@ async fn converts_a_queue_of_the_earlier_layout() {
         assert_eq!(recovery.pending, 2, "round {round}");
         assert_eq!(recovery.dead, 1);
         assert_eq!(recovery.migrated, if round == 0 { 3 } else { 0 });
-        tokio::task::spawn_blocking(move || queue.close())
-            .await
-            .unwrap();
+        close(queue).await;
     }
     let (queue, _ready, _) = open(dir.path()).await;
     assert_eq!(text_of(&queue.claim_now("a").unwrap()), "new");
@@ -191,9 +209,7 @@ async fn retry_state_and_dead_letters_survive_restart() {
             detail: "Invalid message_id value.".into(),
         };
         wait(queue.dead_letter(&job2, info)).await.unwrap();
-        tokio::task::spawn_blocking(move || queue.close())
-            .await
-            .unwrap();
+        close(queue).await;
     }
     let (queue, _ready, recovery) = open(dir.path()).await;
     assert_eq!((recovery.pending, recovery.dead), (1, 1));
@@ -221,12 +237,7 @@ async fn dead_retry_is_superseded_by_pending_edit() {
     let (queue, _ready, _) = open(dir.path()).await;
     queue.enqueue(&edit("m1", "a", "x")).await.unwrap();
     let job = queue.claim_now("a").unwrap();
-    let info = DeadInfo {
-        reason: "rejected",
-        status: Some(400),
-        zoom_code: Some(7001),
-        detail: "bad".into(),
-    };
+    let info = rejected();
     wait(queue.dead_letter(&job, info)).await.unwrap();
     queue.enqueue(&edit("m1", "a", "newer")).await.unwrap();
     let outcome = queue.dead_retry(&Selector::One(job.seq)).await.unwrap();
@@ -245,10 +256,8 @@ async fn dead_retry_is_superseded_by_pending_edit() {
 async fn queue_full_refuses_new_messages_but_coalesces() {
     let dir = tempfile::tempdir().unwrap();
     let config = StorageConfig {
-        path: dir.path().to_path_buf(),
         max_pending: 2,
-        cache_capacity: 8 * 1024 * 1024,
-        ..StorageConfig::default()
+        ..config(dir.path())
     };
     let (queue, _ready) = Queue::open(&config, Arc::new(Metrics::new())).unwrap();
     queue.enqueue(&edit("m1", "a", "x")).await.unwrap();
@@ -300,15 +309,9 @@ async fn content_arriving_during_recovery_waits_and_wins() {
         queue.enqueue(&edit("m1", "a", "a2")).await.unwrap();
         queue.enqueue(&edit("m3", "c", "c1")).await.unwrap();
         drop(in_flight);
-        tokio::task::spawn_blocking(move || queue.close())
-            .await
-            .unwrap();
+        close(queue).await;
     }
-    let config = StorageConfig {
-        path: dir.path().to_path_buf(),
-        cache_capacity: 8 * 1024 * 1024,
-        ..StorageConfig::default()
-    };
+    let config = config(dir.path());
     let (go, steps) = std::sync::mpsc::channel();
     let (done, restored) = std::sync::mpsc::channel();
     let (queue, _ready) = Queue::open_stepped(&config, (steps, done)).unwrap();
@@ -360,10 +363,8 @@ async fn content_arriving_during_recovery_waits_and_wins() {
 async fn a_drained_queue_gives_its_space_back() {
     let dir = tempfile::tempdir().unwrap();
     let config = StorageConfig {
-        path: dir.path().to_path_buf(),
-        cache_capacity: 8 * 1024 * 1024,
         shrink_above_bytes: 1 << 20,
-        ..StorageConfig::default()
+        ..config(dir.path())
     };
     let (queue, _ready) = Queue::open(&config, Arc::new(Metrics::new())).unwrap();
     queue.recovered().await;
@@ -400,11 +401,7 @@ async fn a_drained_queue_gives_its_space_back() {
     let next = queue.enqueue(&edit("after", "a", "y")).await.unwrap();
     assert!(next.job_id > last, "job ids go on");
     assert_eq!(text_of(&queue.claim_now("a").unwrap()), "y");
-    let queue2 = queue.clone();
-    tokio::task::spawn_blocking(move || queue2.close())
-        .await
-        .unwrap();
-    drop(queue);
+    close(queue).await;
     let (queue, _ready, recovery) = open(dir.path()).await;
     assert_eq!(recovery.pending, 1, "the edit after the rebuild is durable");
     assert!(
@@ -426,24 +423,13 @@ async fn a_dead_letter_put_back_during_recovery_loses_to_newer_stored_edits() {
         let (queue, _ready, _) = open(dir.path()).await;
         queue.enqueue(&edit("m1", "a", "old")).await.unwrap();
         let job = queue.claim_now("a").unwrap();
-        let info = DeadInfo {
-            reason: "rejected",
-            status: Some(400),
-            zoom_code: Some(7001),
-            detail: "bad".into(),
-        };
+        let info = rejected();
         wait(queue.dead_letter(&job, info)).await.unwrap();
         // Acknowledged, newer than the dead letter.
         queue.enqueue(&edit("m1", "a", "newer")).await.unwrap();
-        tokio::task::spawn_blocking(move || queue.close())
-            .await
-            .unwrap();
+        close(queue).await;
     }
-    let config = StorageConfig {
-        path: dir.path().to_path_buf(),
-        cache_capacity: 8 * 1024 * 1024,
-        ..StorageConfig::default()
-    };
+    let config = config(dir.path());
     let (go, steps) = std::sync::mpsc::channel();
     let (done, restored) = std::sync::mpsc::channel();
     let (queue, _ready) = Queue::open_stepped(&config, (steps, done)).unwrap();
