@@ -277,6 +277,10 @@ impl Ingest {
                     Err(ProtocolError::new(ErrorCode::Unavailable, message))
                 }
             },
+            Request::Send(_) | Request::Delete(_) | Request::Status(_) => Err(ProtocolError::new(
+                ErrorCode::BadRequest,
+                "this operation is not supported yet",
+            )),
             Request::Ping => Ok(("{\"ok\":true}".into(), false)),
             Request::Stats => Ok((self.stats_line(), false)),
             Request::DeadList { limit } => {

@@ -16,7 +16,10 @@ pub const MAX_ID_BYTES: usize = 1024;
 /// A parsed, validated request.
 #[derive(Debug)]
 pub enum Request {
+    Send(Send),
     Edit(Edit),
+    Delete(Delete),
+    Status(StatusQuery),
     Ping,
     Stats,
     DeadList { limit: Option<usize> },
@@ -31,10 +34,65 @@ pub enum Selector {
     All,
 }
 
+/// How a request names its message: by Zoom's `message_id` or by the producer's own `ref`
+/// (unique per `account_id` + `robot_jid`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    MessageId(String),
+    Ref(String),
+}
+
+/// A new message, named by the producer's `ref` (see README "The life of a message").
+#[derive(Debug, Clone)]
+pub struct Send {
+    pub reference: String,
+    pub account_id: String,
+    pub robot_jid: String,
+    pub to_jid: String,
+    pub user_jid: Option<String>,
+    pub visible_to_user: Option<String>,
+    pub reply_to: Option<String>,
+    pub is_markdown_support: Option<bool>,
+    /// A non-empty JSON object, kept as the producer's text.
+    pub content: Box<RawValue>,
+}
+
+impl Send {
+    /// The JSON body of Zoom's "Send a chatbot message" call.
+    pub fn zoom_body(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            robot_jid: &'a str,
+            to_jid: &'a str,
+            account_id: &'a str,
+            content: &'a RawValue,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            user_jid: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            visible_to_user: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            reply_to: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            is_markdown_support: Option<bool>,
+        }
+        serde_json::to_vec(&Body {
+            robot_jid: &self.robot_jid,
+            to_jid: &self.to_jid,
+            account_id: &self.account_id,
+            content: &self.content,
+            user_jid: self.user_jid.as_deref(),
+            visible_to_user: self.visible_to_user.as_deref(),
+            reply_to: self.reply_to.as_deref(),
+            is_markdown_support: self.is_markdown_support,
+        })
+        .expect("serializing strings and raw JSON cannot fail")
+    }
+}
+
 /// One edit of a chat-bot message, as a producer sent it.
 #[derive(Debug, Clone)]
 pub struct Edit {
-    pub message_id: String,
+    pub target: Target,
     pub account_id: String,
     pub robot_jid: String,
     pub user_jid: Option<String>,
@@ -65,6 +123,25 @@ impl Edit {
         })
         .expect("serializing strings and raw JSON cannot fail")
     }
+}
+
+/// The deletion of a message.
+#[derive(Debug, Clone)]
+pub struct Delete {
+    pub target: Target,
+    pub account_id: String,
+    pub robot_jid: String,
+    pub user_jid: Option<String>,
+}
+
+/// A question about where a message stands; with `wait`, answered once it has a `message_id`
+/// or reached a final state (bounded by the configuration).
+#[derive(Debug, Clone)]
+pub struct StatusQuery {
+    pub target: Target,
+    pub account_id: String,
+    pub robot_jid: String,
+    pub wait: Option<std::time::Duration>,
 }
 
 /// Error codes of the protocol.
@@ -275,6 +352,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
                 "content",
             ])?;
             let message_id = identifier(raw.message_id, "message_id", MAX_MESSAGE_ID_BYTES)?;
+            let target = Target::MessageId(message_id);
             let account_id = identifier(raw.account_id, "account_id", MAX_ID_BYTES)?;
             let robot_jid = identifier(raw.robot_jid, "robot_jid", MAX_ID_BYTES)?;
             let user_jid = match optional(raw.user_jid) {
@@ -292,7 +370,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
             };
             let content = content(raw.content)?;
             Ok(Request::Edit(Edit {
-                message_id,
+                target,
                 account_id,
                 robot_jid,
                 user_jid,
@@ -471,7 +549,7 @@ mod tests {
         let Request::Edit(edit) = parse_request(GOOD.as_bytes()).unwrap() else {
             panic!("not an edit")
         };
-        assert_eq!(edit.message_id, "m1");
+        assert_eq!(edit.target, Target::MessageId("m1".into()));
         let body: serde_json::Value = serde_json::from_slice(&edit.zoom_body()).unwrap();
         assert_eq!(body["content"]["head"]["text"], "hi");
         assert_eq!(body["account_id"], "a1");

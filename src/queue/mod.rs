@@ -326,6 +326,14 @@ impl Queue {
     pub async fn enqueue(&self, edit: &Edit) -> Result<Enqueued, EnqueueError> {
         let now = now_ms();
         let body = edit.zoom_body();
+        let message_id = match &edit.target {
+            crate::protocol::Target::MessageId(id) => id.as_str(),
+            crate::protocol::Target::Ref(_) => {
+                return Err(EnqueueError::Unavailable(
+                    "edits by ref are not supported yet".into(),
+                ))
+            }
+        };
         let (placed, commit, wake) = {
             let mut core = self.shared.lock();
             if core.closing {
@@ -346,21 +354,19 @@ impl Queue {
                     "storage is failing ({failure}); the edit was not accepted, try again later"
                 )));
             }
-            if core.state.would_add(&edit.message_id)
-                && core.state.pending() >= self.shared.max_pending
-            {
+            if core.state.would_add(message_id) && core.state.pending() >= self.shared.max_pending {
                 return Err(EnqueueError::Full(core.state.pending()));
             }
-            let replaces_failed = core.state.pending_failed(&edit.message_id);
+            let replaces_failed = core.state.pending_failed(message_id);
             let (seq, coalesced, announce) =
-                match core.state.enqueue(&edit.message_id, &edit.account_id, now) {
+                match core.state.enqueue(message_id, &edit.account_id, now) {
                     state::Placed::New { seq, announce } => (seq, false, announce),
                     // A move to another account is in the index; the new entry names it.
                     state::Placed::Coalesced { seq, announce, .. } => (seq, true, announce),
                 };
             let (_, due_ms, stored) = core
                 .state
-                .pending_job(&edit.message_id)
+                .pending_job(message_id)
                 .expect("the edit was just placed");
             let entry = EntryRef {
                 seq,
@@ -369,12 +375,12 @@ impl Queue {
                 attempts: stored.attempts,
                 next_attempt_ms: due_ms,
                 first_failure_ms: stored.first_failure_ms,
-                message_id: &edit.message_id,
+                message_id,
                 account_id: &edit.account_id,
                 body_len: body.len() as u32,
             };
             let loc = core.write_entry(&entry, &body);
-            if let Some(replaced) = core.state.set_loc(&edit.message_id, loc) {
+            if let Some(replaced) = core.state.set_loc(message_id, loc) {
                 core.ledger.done(replaced);
             }
             if let Some(fresh) = core.recovering.as_mut() {
