@@ -31,6 +31,17 @@ use crate::metrics::Metrics;
 use crate::protocol::{self, ErrorCode, ProtocolError, Request};
 use crate::queue::{EnqueueError, Queue};
 
+/// The answer to a request the queue refused.
+fn refused(error: EnqueueError) -> ProtocolError {
+    let code = match &error {
+        EnqueueError::Full(_) => ErrorCode::QueueFull,
+        EnqueueError::Unavailable(_) => ErrorCode::Unavailable,
+        EnqueueError::NotFound(_) => ErrorCode::NotFound,
+        EnqueueError::Gone(_) => ErrorCode::Gone,
+    };
+    ProtocolError::new(code, error.to_string())
+}
+
 /// What every connection handler shares.
 pub struct Ingest {
     pub queue: Queue,
@@ -268,19 +279,32 @@ impl Ingest {
     /// Runs a valid request. Returns the answer and whether it was an edit.
     async fn execute(&self, request: Request) -> Result<(String, bool), ProtocolError> {
         match request {
-            Request::Edit(edit) => match self.queue.enqueue(&edit).await {
-                Ok(done) => Ok((protocol::edit_ok_line(done.job_id, done.coalesced), true)),
-                Err(e @ EnqueueError::Full(_)) => {
-                    Err(ProtocolError::new(ErrorCode::QueueFull, e.to_string()))
+            Request::Edit(edit) => {
+                let done = self.queue.enqueue(&edit).await.map_err(refused)?;
+                Ok((protocol::edit_ok_line(done.job_id, done.coalesced), true))
+            }
+            Request::Send(send) => {
+                let done = self.queue.send(&send).await.map_err(refused)?;
+                let line = protocol::send_ok_line(done.job_id, &send.reference, done.coalesced);
+                Ok((line, true))
+            }
+            Request::Delete(delete) => {
+                let done = self.queue.delete(&delete).await.map_err(refused)?;
+                Ok((protocol::delete_ok_line(done.job_id, done.cancelled), true))
+            }
+            Request::Status(query) => {
+                if query.wait.is_some_and(|w| w > self.config.max_status_wait) {
+                    return Err(ProtocolError::new(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "field `wait`: at most {} allowed (socket.max_status_wait)",
+                            humantime::format_duration(self.config.max_status_wait)
+                        ),
+                    ));
                 }
-                Err(EnqueueError::Unavailable(message)) => {
-                    Err(ProtocolError::new(ErrorCode::Unavailable, message))
-                }
-            },
-            Request::Send(_) | Request::Delete(_) | Request::Status(_) => Err(ProtocolError::new(
-                ErrorCode::BadRequest,
-                "this operation is not supported yet",
-            )),
+                let status = self.queue.status(&query).await.map_err(refused)?;
+                Ok((protocol::status_line(&status), false))
+            }
             Request::Ping => Ok(("{\"ok\":true}".into(), false)),
             Request::Stats => Ok((self.stats_line(), false)),
             Request::DeadList { limit } => {
@@ -335,6 +359,7 @@ impl Ingest {
             "in_flight": stats.in_flight,
             "dead": stats.dead,
             "accounts": stats.accounts,
+            "refs": stats.refs,
             "oldest_pending_seconds": oldest.map(|d| d.as_secs_f64()),
             "accepted": m.edits_accepted.get(),
             "coalesced": m.edits_coalesced.get(),

@@ -168,6 +168,7 @@ pub async fn run(
             max_age: config.delivery.max_age,
             shutdown_grace: shutdown_grace(&config),
             per_account_series: config.metrics.per_account_series,
+            send_in_doubt: config.delivery.send_in_doubt,
         },
         metrics.clone(),
         health.clone(),

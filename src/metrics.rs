@@ -51,6 +51,18 @@ pub struct Metrics {
     /// By `reason`: `rejected` (Zoom refused the edit) or `expired` (failing past max_age).
     pub edits_dead_lettered: IntCounterVec,
     pub dead_letters_retried: IntCounter,
+    /// Requests acknowledged to producers by `op`: send, edit, delete.
+    pub requests_accepted: IntCounterVec,
+    /// Zoom calls that succeeded by `op`: send, edit, delete (a delete of a message already
+    /// gone counts).
+    pub requests_delivered: IntCounterVec,
+    /// Sends whose outcome was unknown, by `action`: `retried` (sent again, a duplicate is
+    /// possible) or `dead` (kept as a dead letter, `delivery.send_in_doubt = "dead"`).
+    pub sends_in_doubt: IntCounterVec,
+    /// Deletes that cancelled a send never attempted (Zoom saw nothing).
+    pub sends_cancelled: IntCounter,
+    /// Messages remembered by ref or as deleted (see storage.ref_retention).
+    pub refs_remembered: IntGauge,
 
     pub queue_pending: IntGauge,
     pub queue_in_flight: IntGauge,
@@ -191,6 +203,34 @@ impl Metrics {
                 r,
                 "zoomq_dead_letters_retried_total",
                 "Dead letters put back in the queue by an operator.",
+            ),
+            requests_accepted: counter_vec(
+                r,
+                "zoomq_requests_accepted_total",
+                "Requests acknowledged to producers (durable), by operation.",
+                &["op"],
+            ),
+            requests_delivered: counter_vec(
+                r,
+                "zoomq_requests_delivered_total",
+                "Zoom calls that succeeded, by operation.",
+                &["op"],
+            ),
+            sends_in_doubt: counter_vec(
+                r,
+                "zoomq_sends_in_doubt_total",
+                "Sends whose outcome was unknown, by what was done: retried or dead.",
+                &["action"],
+            ),
+            sends_cancelled: counter(
+                r,
+                "zoomq_sends_cancelled_total",
+                "Sends cancelled by a delete before they were attempted.",
+            ),
+            refs_remembered: gauge(
+                r,
+                "zoomq_refs_remembered",
+                "Messages remembered by ref or as deleted (storage.ref_retention).",
             ),
             queue_pending: gauge(r, "zoomq_queue_pending", "Edits waiting to be sent."),
             queue_in_flight: gauge(r, "zoomq_queue_in_flight", "Edits being sent to Zoom."),
@@ -376,7 +416,14 @@ impl Metrics {
         for kind in ["qps", "daily"] {
             metrics.zoom_rate_limited.with_label_values(&[kind]);
         }
-        for reason in ["rejected", "expired"] {
+        for op in ["send", "edit", "delete"] {
+            metrics.requests_accepted.with_label_values(&[op]);
+            metrics.requests_delivered.with_label_values(&[op]);
+        }
+        for action in ["retried", "dead"] {
+            metrics.sends_in_doubt.with_label_values(&[action]);
+        }
+        for reason in ["rejected", "expired", "outcome_unknown"] {
             metrics.edits_dead_lettered.with_label_values(&[reason]);
         }
         for code in crate::protocol::ALL_ERROR_CODES {

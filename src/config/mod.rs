@@ -79,6 +79,9 @@ pub struct SocketConfig {
     pub allowed_uids: Vec<u32>,
     /// When non-empty, peers whose primary gid is listed may connect.
     pub allowed_gids: Vec<u32>,
+    /// Longest `wait` a `status` request may ask for; longer ones are refused.
+    #[serde(deserialize_with = "de_duration")]
+    pub max_status_wait: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -99,6 +102,10 @@ pub struct StorageConfig {
     /// this, they are rebuilt empty, giving back the space a large backlog took (sled reuses
     /// its file's space but never shrinks it). 0: never.
     pub shrink_above_bytes: u64,
+    /// A message named by a `ref` (and a deleted message) is remembered this long after its
+    /// last use, then forgotten: its ref is free again and answers `not_found`.
+    #[serde(deserialize_with = "de_duration")]
+    pub ref_retention: Duration,
 }
 
 #[derive(Clone, Deserialize)]
@@ -140,6 +147,18 @@ pub struct DeliveryConfig {
     pub account_idle: Duration,
     /// Share of the plan rate actually used, for safety margin (0 < x <= 1).
     pub rate_margin: f64,
+    /// A send whose outcome is unknown (the request was written and no answer says whether
+    /// Zoom posted it): `retry` it (at least once: a duplicate is possible) or make it a
+    /// `dead` letter with its later edits (at most once).
+    pub send_in_doubt: SendInDoubt,
+}
+
+/// See [`DeliveryConfig::send_in_doubt`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SendInDoubt {
+    Retry,
+    Dead,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -213,6 +232,7 @@ impl Default for SocketConfig {
             write_timeout: Duration::from_secs(30),
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
+            max_status_wait: Duration::from_secs(60),
         }
     }
 }
@@ -225,6 +245,7 @@ impl Default for StorageConfig {
             cache_capacity: 8 * 1024 * 1024,
             min_free_bytes: 256 * 1024 * 1024,
             shrink_above_bytes: 64 * 1024 * 1024,
+            ref_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -254,6 +275,7 @@ impl Default for DeliveryConfig {
             shutdown_timeout: Duration::from_secs(1),
             account_idle: Duration::from_secs(600),
             rate_margin: 0.995,
+            send_in_doubt: SendInDoubt::Retry,
         }
     }
 }
@@ -462,6 +484,11 @@ impl Config {
                 delivery.rate_margin > 0.0 && delivery.rate_margin <= 1.0,
                 "delivery.rate_margin",
                 "expected a number above 0 and at most 1",
+            ),
+            (
+                self.storage.ref_retention >= Duration::from_secs(60),
+                "storage.ref_retention",
+                "expected at least 1m (producers name their messages by ref for that long)",
             ),
         ];
         let mut problems: Vec<Problem> = checks

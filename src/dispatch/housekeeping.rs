@@ -1,5 +1,5 @@
-//! The dispatcher's once-a-second chores: the summary log line, idle limiter release, limiter
-//! gauges, and the per-account rows of `stats` and of the per-account series.
+//! The dispatcher's once-a-second chores: the summary log line, idle limiter release, refs
+//! past their retention, limiter gauges, and the per-account rows of `stats` and of the per-account series.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -30,6 +30,10 @@ impl Dispatcher {
             self.last_summary = Instant::now();
         }
         self.limiters.release_idle();
+        let forgotten = self.queue.expire_refs();
+        if forgotten > 0 {
+            tracing::debug!(forgotten, "forgot messages past storage.ref_retention");
+        }
         let snapshot = self.limiters.snapshot(SystemTime::now());
         self.metrics.limiter_rate.set(snapshot.total_rate);
         self.metrics.accounts_paused.set(snapshot.paused as i64);

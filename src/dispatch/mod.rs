@@ -35,7 +35,7 @@ mod outcome;
 use crate::health::Health;
 use crate::limiter::Limiters;
 use crate::metrics::Metrics;
-use crate::queue::{now_ms, Claimed, Head, Job, Queue};
+use crate::queue::{now_ms, Call, Claimed, Head, Job, Queue};
 use crate::retry::RetryPolicy;
 use crate::zoom::{Outcome, ZoomClient};
 
@@ -49,6 +49,16 @@ pub struct DispatchSettings {
     /// (see [`crate::shutdown_grace`]).
     pub shutdown_grace: Duration,
     pub per_account_series: usize,
+    /// What to do with a send whose outcome is unknown (`delivery.send_in_doubt`).
+    pub send_in_doubt: crate::config::SendInDoubt,
+}
+
+/// A delete's query parameters, as its job stores them.
+#[derive(Default, serde::Deserialize)]
+struct DeleteParams {
+    account_id: Option<String>,
+    robot_jid: Option<String>,
+    user_jid: Option<String>,
 }
 
 /// A finished request, reported back to the loop.
@@ -252,6 +262,12 @@ impl Dispatcher {
                         continue;
                     }
                     Ok(Claimed::Job(job)) => Some(job),
+                    Ok(Claimed::Skipped { more }) => {
+                        if more {
+                            self.hold(account, Duration::ZERO);
+                        }
+                        continue;
+                    }
                     Err(e) => {
                         tracing::error!(account = %account, error = %e, "cannot read a claimed job");
                         self.ring.push_back(account);
@@ -280,7 +296,13 @@ impl Dispatcher {
                         // the loop asks again then, whatever else happens meanwhile.
                         self.hold(account, Duration::ZERO);
                     }
-                    self.spawn_request(job, granted, permit);
+                    self.start(job, granted, permit);
+                }
+                // No request needed: the slot goes unused, which is always safe.
+                Ok(Claimed::Skipped { more }) => {
+                    if more {
+                        self.hold(account, Duration::ZERO);
+                    }
                 }
                 // A producer's edit replaced the head between the look and the claim.
                 Ok(Claimed::NotDurable) => {
@@ -313,13 +335,56 @@ impl Dispatcher {
         self.waiting.push(Reverse((due, self.waiting_seq, account)));
     }
 
+    /// Sends a claimed job, unless it is a send whose earlier attempt's outcome is unknown
+    /// and `delivery.send_in_doubt` says not to risk a duplicate.
+    fn start(&mut self, job: Job, granted: Instant, permit: tokio::sync::OwnedSemaphorePermit) {
+        if job.in_doubt {
+            let detail = "an earlier attempt's outcome is unknown (the daemon stopped, or the \
+                          answer was lost)";
+            if self.settings.send_in_doubt == crate::config::SendInDoubt::Dead {
+                self.send_in_doubt(job, detail);
+                return;
+            }
+            self.send_in_doubt(job.clone(), detail);
+        }
+        self.spawn_request(job, granted, permit);
+    }
+
     fn spawn_request(&self, job: Job, granted: Instant, permit: tokio::sync::OwnedSemaphorePermit) {
         let zoom = self.zoom.clone();
+        let queue = self.queue.clone();
         let finished_tx = self.finished_tx.clone();
         let abandon = self.abandon.clone();
         self.requests.spawn(async move {
+            let request = async {
+                match &job.call {
+                    Call::Send { body } => {
+                        // Only once the send is recorded as under way (see `Job::marked_batch`).
+                        if let Some(batch) = job.marked_batch {
+                            queue.durable(batch).await;
+                        }
+                        zoom.send_message(body).await
+                    }
+                    Call::Edit { message_id } => zoom.edit(message_id, &job.body).await,
+                    Call::Delete { message_id } => {
+                        let params: DeleteParams =
+                            serde_json::from_slice(&job.body).unwrap_or_default();
+                        let account = params
+                            .account_id
+                            .as_deref()
+                            .unwrap_or(&job.header.account_id);
+                        zoom.delete(
+                            message_id,
+                            account,
+                            params.robot_jid.as_deref().unwrap_or(""),
+                            params.user_jid.as_deref(),
+                        )
+                        .await
+                    }
+                }
+            };
             let outcome = tokio::select! {
-                outcome = zoom.edit(&job.header.message_id, &job.body) => outcome,
+                outcome = request => outcome,
                 // Shutdown gave up on this request (dropping it closes its connection). The
                 // job stays as the claim left it: its records are untouched on disk, so after
                 // the restart it is pending again and sent again.

@@ -5,8 +5,9 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use super::{Dispatcher, Finished, NO_TOKEN_PAUSE_MAX, NO_TOKEN_PAUSE_MIN};
+use crate::config::SendInDoubt;
 use crate::limiter::LimitKind;
-use crate::queue::{self, now_ms, DeadInfo, Job};
+use crate::queue::{self, now_ms, Call, DeadInfo, Job, SentMessage};
 use crate::zoom::Outcome;
 
 impl Dispatcher {
@@ -21,17 +22,27 @@ impl Dispatcher {
     ) {
         let account = job.header.account_id.clone();
         let now = now_ms();
+        let op = op_name(&job.call);
         match outcome {
-            Outcome::Delivered { .. } => {
-                self.no_token_pause = NO_TOKEN_PAUSE_MIN;
-                self.limiters.on_success(&account);
-                self.metrics.edits_delivered.inc();
-                self.delivered_since_log += 1;
-                self.metrics
-                    .delivery_latency
-                    .observe(now.saturating_sub(job.updated_ms) as f64 / 1000.0);
-                tracing::debug!(job_id = job.seq, message_id = %job.header.message_id, account = %account, "delivered");
-                self.finish(self.queue.complete(&job));
+            Outcome::Delivered { sent, .. } => {
+                self.delivered(&job);
+                let sent = sent.map(|sent| SentMessage {
+                    message_id: sent.message_id,
+                    sent_time: sent.sent_time,
+                });
+                tracing::debug!(job_id = job.seq, message = %queue::describe(&job.header.message_id),
+                    account = %account, op, "delivered");
+                self.finish(self.queue.complete(&job, sent));
+            }
+            Outcome::Rejected {
+                status: 404,
+                code: Some(8001),
+                ..
+            } if matches!(job.call, Call::Delete { .. }) => {
+                // Already gone: what the delete wanted.
+                self.delivered(&job);
+                tracing::debug!(job_id = job.seq, account = %account, "deleted (it was already gone)");
+                self.finish(self.queue.complete(&job, None));
             }
             Outcome::RateLimited {
                 kind, retry_after, ..
@@ -51,25 +62,37 @@ impl Dispatcher {
                     Some(granted),
                     SystemTime::now(),
                 );
-                tracing::info!(job_id = job.seq, message_id = %job.header.message_id, account = %account,
-                    kind = label, retry_after = ?retry_after, "rate limited by Zoom; account slowed down");
-                // Not a failed attempt: the edit goes back to its place in line.
+                tracing::info!(job_id = job.seq, message = %queue::describe(&job.header.message_id), account = %account,
+                    op, kind = label, retry_after = ?retry_after, "rate limited by Zoom; account slowed down");
+                // Not a failed attempt: the job goes back to its place in line.
                 self.put_back(&job);
             }
             Outcome::NoToken { detail } => {
-                // Not the edit's fault: hold all sending and try again later.
-                tracing::debug!(job_id = job.seq, "no access token for this edit");
+                // Not the job's fault: hold all sending and try again later.
+                tracing::debug!(job_id = job.seq, "no access token for this request");
                 self.hold_for_token(&detail);
                 self.put_back(&job);
             }
-            Outcome::Transient { status, detail } => {
+            Outcome::Transient {
+                status,
+                detail,
+                in_doubt,
+            } => {
+                let is_send = matches!(job.call, Call::Send { .. });
+                if is_send && in_doubt {
+                    job.outcome_unknown = true;
+                    if self.settings.send_in_doubt == SendInDoubt::Dead {
+                        self.send_in_doubt(job, &detail);
+                        return;
+                    }
+                }
                 let first_failure = *job.header.first_failure_ms.get_or_insert(now);
                 job.header.attempts += 1;
                 let failing_for = Duration::from_millis(now.saturating_sub(first_failure));
                 if failing_for >= self.settings.max_age {
-                    tracing::warn!(job_id = job.seq, message_id = %job.header.message_id, account = %account,
-                        attempts = job.header.attempts, status = ?status, %detail,
-                        "edit failing longer than delivery.max_age; moved to the dead letters");
+                    tracing::warn!(job_id = job.seq, message = %queue::describe(&job.header.message_id), account = %account,
+                        op, attempts = job.header.attempts, status = ?status, %detail,
+                        "failing longer than delivery.max_age; moved to the dead letters");
                     let info = DeadInfo {
                         reason: "expired",
                         status,
@@ -85,13 +108,19 @@ impl Dispatcher {
                 }
                 let delay = self.settings.retry.delay(job.header.attempts);
                 job.header.next_attempt_ms = now + delay.as_millis() as u64;
-                tracing::warn!(job_id = job.seq, message_id = %job.header.message_id, account = %account,
-                    attempts = job.header.attempts, status = ?status, %detail,
-                    retry_in_s = delay.as_secs_f64(), "transient failure; will retry");
+                if is_send && in_doubt {
+                    tracing::warn!(job_id = job.seq, message = %queue::describe(&job.header.message_id), account = %account,
+                        status = ?status, %detail, retry_in_s = delay.as_secs_f64(),
+                        "send outcome unknown: Zoom may have posted it; sending again (delivery.send_in_doubt = \"retry\"), which may post it twice");
+                } else {
+                    tracing::warn!(job_id = job.seq, message = %queue::describe(&job.header.message_id), account = %account,
+                        op, attempts = job.header.attempts, status = ?status, %detail,
+                        retry_in_s = delay.as_secs_f64(), "transient failure; will retry");
+                }
                 self.metrics.retries.inc();
                 let (superseded, commit) = self.queue.retry_later(&job, true);
                 if superseded {
-                    tracing::debug!(job_id = job.seq, "superseded by a newer edit; dropped");
+                    tracing::debug!(job_id = job.seq, "superseded by a newer job; dropped");
                 }
                 self.finish(commit);
             }
@@ -100,9 +129,9 @@ impl Dispatcher {
                 code,
                 message,
             } => {
-                tracing::warn!(job_id = job.seq, message_id = %job.header.message_id, account = %account,
-                    status, zoom_code = ?code, zoom_message = %message,
-                    "Zoom rejected the edit; moved to the dead letters");
+                tracing::warn!(job_id = job.seq, message = %queue::describe(&job.header.message_id), account = %account,
+                    op, status, zoom_code = ?code, zoom_message = %message,
+                    "Zoom rejected the request; moved to the dead letters");
                 let info = DeadInfo {
                     reason: "rejected",
                     status: Some(status),
@@ -111,6 +140,53 @@ impl Dispatcher {
                 };
                 self.finish(self.queue.dead_letter(&job, info));
             }
+        }
+    }
+
+    /// Counts a successful call.
+    fn delivered(&mut self, job: &Job) {
+        self.no_token_pause = NO_TOKEN_PAUSE_MIN;
+        self.limiters.on_success(&job.header.account_id);
+        if matches!(job.call, Call::Edit { .. }) {
+            self.metrics.edits_delivered.inc();
+        }
+        self.metrics
+            .requests_delivered
+            .with_label_values(&[op_name(&job.call)])
+            .inc();
+        self.delivered_since_log += 1;
+        self.metrics
+            .delivery_latency
+            .observe(now_ms().saturating_sub(job.updated_ms) as f64 / 1000.0);
+    }
+
+    /// A send that may already have posted its message, about to be sent (again): with
+    /// `delivery.send_in_doubt = "dead"` it goes to the dead letters instead (its ref held
+    /// with it); with `"retry"` it is sent, and counted.
+    pub(super) fn send_in_doubt(&mut self, job: Job, detail: &str) {
+        if self.settings.send_in_doubt == SendInDoubt::Dead {
+            self.metrics
+                .sends_in_doubt
+                .with_label_values(&["dead"])
+                .inc();
+            tracing::warn!(job_id = job.seq, message = %queue::describe(&job.header.message_id),
+                account = %job.header.account_id, %detail,
+                "send outcome unknown; kept as a dead letter (delivery.send_in_doubt = \"dead\"): check Zoom, then retry or purge it");
+            let info = DeadInfo {
+                reason: "outcome_unknown",
+                status: None,
+                zoom_code: None,
+                detail: format!("Zoom may or may not have posted the message: {detail}"),
+            };
+            self.finish(self.queue.dead_letter(&job, info));
+        } else {
+            self.metrics
+                .sends_in_doubt
+                .with_label_values(&["retried"])
+                .inc();
+            tracing::warn!(job_id = job.seq, message = %queue::describe(&job.header.message_id),
+                account = %job.header.account_id, %detail,
+                "sending again a message whose earlier send may have been posted (delivery.send_in_doubt = \"retry\")");
         }
     }
 
@@ -144,5 +220,14 @@ impl Dispatcher {
                 tracing::debug!(error = %e, "queue transition not yet durable");
             }
         });
+    }
+}
+
+/// The metric label of a call.
+fn op_name(call: &Call) -> &'static str {
+    match call {
+        Call::Send { .. } => "send",
+        Call::Edit { .. } => "edit",
+        Call::Delete { .. } => "delete",
     }
 }

@@ -2,9 +2,38 @@
 //! newer edit of the message is pending) and purge. Serialized by `Shared::dead_ops`, because each
 //! reads sled and must see the previous command's writes committed.
 
-use super::store::{key, EntryRef, Op, DEAD, DEAD_BODY};
-use super::{now_ms, wait, DeadOutcome, DeadRecord, JobHeader, Queue, StoreError};
+use super::store::{del_ref, key, put_ref, EntryRef, Op, DEAD, DEAD_BODY};
+use super::{now_ms, wait, Core, DeadOutcome, DeadRecord, JobHeader, Queue, StoreError};
 use crate::protocol::Selector;
+
+impl Core {
+    /// Releases the ref or deleted message held by dead letter `seq`, if any: after a retry
+    /// it is live again (no longer in doubt); after a purge a ref never sent is forgotten.
+    fn release_hold(&mut self, seq: u64, name: &str, purged: bool) {
+        let key = self.state.key(name);
+        let Some(record) = self.refs.get(key) else {
+            return;
+        };
+        if record.held.as_ref().is_none_or(|h| h.seq != seq) {
+            return;
+        }
+        if purged && record.message_id.is_none() && !record.deleted {
+            if let Some(record) = self.refs.remove(key, None) {
+                self.ops.push(del_ref(&record.name));
+            }
+            return;
+        }
+        let released = self.refs.update(key, |r| {
+            r.held = None;
+            r.in_doubt = false;
+            r.last_used_ms = now_ms();
+        });
+        if let Some(released) = released {
+            let op = put_ref(released);
+            self.ops.push(op);
+        }
+    }
+}
 
 impl Queue {
     /// Resolves once every change made so far is committed, so that what sled says next
@@ -61,6 +90,9 @@ impl Queue {
                     outcome.superseded += 1;
                     continue;
                 }
+                // A held ref is released: the operator chose to send it again, knowing that
+                // a send whose outcome was unknown may post the message twice.
+                core.release_hold(seq, message, false);
                 // Back in line with a clean retry state.
                 let header = JobHeader {
                     attempts: 0,
@@ -100,7 +132,10 @@ impl Queue {
         let records = self.select_dead(selector)?;
         let commit = {
             let mut core = self.shared.lock();
-            for (seq, _) in &records {
+            for (seq, record) in &records {
+                // A ref held by its send is forgotten with it (the ref is free again); one
+                // held by its delete stays deleted.
+                core.release_hold(*seq, &record.header.message_id, true);
                 core.ops.push(Op::Del(key(DEAD, *seq)));
                 core.ops.push(Op::Del(key(DEAD_BODY, *seq)));
                 core.dead -= 1;

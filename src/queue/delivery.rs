@@ -6,9 +6,34 @@
 //! receives content that a crash could still take back, and after a restart it never gets an
 //! older edit of a message after a newer one.
 
-use super::state::Stored;
-use super::store::{put_dead_body, put_json, EntryRef, StoreError, DEAD};
-use super::{now_ms, Commit, Core, DeadInfo, DeadRecord, Job, Queue};
+use super::refs::ref_of;
+use super::store::{put_dead_body, put_ref, JobOp, StoreError};
+use super::{now_ms, Call, Core, Job, Queue};
+
+/// A send's body: the content job's edit-shaped body (robot_jid, account_id, content,
+/// user_jid, is_markdown_support, as `Edit::zoom_body` wrote it) with where the message goes,
+/// appended as text so that the producer's content is sent exactly as given.
+fn send_body(edit_body: &[u8], params: &super::refs::SendParams) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Extra<'a> {
+        to_jid: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        visible_to_user: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reply_to: Option<&'a str>,
+    }
+    let extra = serde_json::to_vec(&Extra {
+        to_jid: &params.to_jid,
+        visible_to_user: params.visible_to_user.as_deref(),
+        reply_to: params.reply_to.as_deref(),
+    })
+    .expect("strings serialize");
+    // Both are JSON objects: `{a}` and `{b}` make `{a,b}`.
+    let mut body = edit_body.strip_suffix(b"}").unwrap_or(edit_body).to_vec();
+    body.push(b',');
+    body.extend_from_slice(&extra[1..]);
+    body
+}
 
 /// The state of an account's line, as the dispatcher needs it before taking a rate-limit slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,9 +47,17 @@ pub enum Head {
 }
 
 /// What a claim found.
+// One per request, moved straight into the request's task: boxing the job would only add an
+// allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Claimed {
     Job(Job),
+    /// The claimed job needed no request (a delete of a message never sent, content joining
+    /// its message's dead letter); `more` as for a job.
+    Skipped {
+        more: bool,
+    },
     /// See [`Head::NotDurable`]; the account keeps its place in the dispatcher's ring.
     NotDurable,
     /// Nothing ready; the queue announces the account again when it has work.
@@ -79,14 +112,24 @@ impl Queue {
             .store()
             .and_then(|store| store.load(loc.record, loc.index));
         match loaded {
-            Ok(Some(loaded)) if loaded.seq == claim.seq => Ok(Claimed::Job(Job {
-                seq: claim.seq,
-                header: loaded.header,
-                updated_ms: loaded.updated_ms,
-                body: loaded.body,
-                more: claim.more,
-                loc,
-            })),
+            Ok(Some(loaded)) if loaded.seq == claim.seq => {
+                let job = Job {
+                    seq: claim.seq,
+                    call: Call::Edit {
+                        message_id: loaded.header.message_id.clone(),
+                    },
+                    header: loaded.header,
+                    updated_ms: loaded.updated_ms,
+                    body: loaded.body,
+                    more: claim.more,
+                    marked_batch: None,
+                    in_doubt: false,
+                    outcome_unknown: false,
+                    loc,
+                    key: claim.message,
+                };
+                Ok(self.prepare(job))
+            }
             Ok(_) => {
                 let mut core = self.shared.lock();
                 let finished = core.state.finish_key(claim.message, claim.seq, now_ms());
@@ -127,100 +170,95 @@ impl Queue {
         }
     }
 
+    /// Decides which call a claimed job makes. A message named by a ref is sent while Zoom
+    /// has not given it an id (the send marked as under way first), edited or deleted by that
+    /// id after; a delete of a ref never sent, and content for a ref whose send is a dead
+    /// letter, need no request.
+    fn prepare(&self, mut job: Job) -> Claimed {
+        let name = job.header.message_id.clone();
+        if ref_of(&name).is_none() {
+            if job.header.op == JobOp::Delete {
+                job.call = Call::Delete { message_id: name };
+            }
+            return Claimed::Job(job);
+        }
+        let mut core = self.shared.lock();
+        let core = &mut *core;
+        let Some(record) = core.refs.get(job.key).cloned() else {
+            // Every ref with a job has a record: written with its first send.
+            tracing::error!(job_id = job.seq, "a job of a ref without a record; dropped");
+            self.skip(core, &job);
+            return Claimed::Skipped { more: job.more };
+        };
+        match (job.header.op, record.message_id) {
+            (JobOp::Content, Some(message_id)) => job.call = Call::Edit { message_id },
+            (JobOp::Delete, Some(message_id)) => job.call = Call::Delete { message_id },
+            (JobOp::Delete, None) => {
+                // Its send failed and went back in line, and then this delete replaced it:
+                // Zoom never hears of the message.
+                self.skip(core, &job);
+                self.shared.metrics.sends_cancelled.inc();
+                let done = core.refs.update(job.key, |r| {
+                    r.send = None;
+                    r.last_used_ms = now_ms();
+                });
+                if let Some(done) = done {
+                    core.ops.push(put_ref(done));
+                }
+                self.shared.status_changed.send_modify(|n| *n += 1);
+                return Claimed::Skipped { more: job.more };
+            }
+            (JobOp::Content, None) => {
+                if let Some(held) = &record.held {
+                    // Waits with its send in the dead letters.
+                    core.ops
+                        .push(put_dead_body(held.seq, job.updated_ms, &job.body));
+                    self.skip(core, &job);
+                    return Claimed::Skipped { more: job.more };
+                }
+                let Some(params) = &record.send else {
+                    tracing::error!(
+                        job_id = job.seq,
+                        "a ref never sent without its send; dropped"
+                    );
+                    self.skip(core, &job);
+                    return Claimed::Skipped { more: job.more };
+                };
+                job.call = Call::Send {
+                    body: send_body(&job.body, params),
+                };
+                job.in_doubt = record.in_doubt;
+                // Recorded before the request leaves (the dispatcher waits for this batch):
+                // after a crash, a send that may have reached Zoom is known as one.
+                let marked = core.refs.update(job.key, |r| r.in_doubt = true);
+                if let Some(marked) = marked {
+                    core.ops.push(put_ref(marked));
+                }
+                job.marked_batch = Some(core.batch_gen);
+                if core.writer_waiting {
+                    self.shared.writer_wake.notify_one();
+                }
+            }
+        }
+        Claimed::Job(job)
+    }
+
+    /// Finishes a claimed job that needs no request.
+    fn skip(&self, core: &mut Core, job: &Job) {
+        let finished = core.state.finish_key(job.key, job.seq, now_ms());
+        core.ledger.done(job.loc);
+        self.shared.announce(finished.announce);
+    }
+
     /// Resolves after the next successful group commit.
     pub async fn committed(&self) {
         self.shared.committed.notified().await
     }
 
-    /// The job was delivered: forget it.
-    pub fn complete(&self, job: &Job) -> Commit {
-        let mut core = self.shared.lock();
-        let finished = core.state.finish(&job.header.message_id, job.seq, now_ms());
-        core.ledger.done(job.loc);
-        self.shared.announce(finished.announce);
-        self.shared.commit_locked(core)
-    }
-
-    /// Puts a claimed job back in line: after a transient failure (`failed`, with the new
-    /// retry state in `job.header`, stored before the job can be claimed again) or unsent
-    /// (a 429, no token). A job whose message got a newer edit meanwhile is dropped instead.
-    /// Returns whether it was superseded.
-    pub fn retry_later(&self, job: &Job, failed: bool) -> (bool, Commit) {
-        let mut core = self.shared.lock();
-        let header = &job.header;
-        let entry = EntryRef::new(job.seq, header, job.updated_ms, &job.body);
-        let mut loc = job.loc;
-        if failed && !core.state.would_supersede(&header.message_id, job.seq) {
-            // The retry state changed: the job gets a new entry, the old one retires.
-            loc = core.write_entry(&entry, &job.body);
-            core.ledger.done(job.loc);
-        }
-        let stored = entry.stored(loc);
-        let superseded = self.requeue_locked(
-            &mut core,
-            &header.message_id,
-            job.seq,
-            header.next_attempt_ms,
-            failed,
-            stored,
-        );
-        (superseded, self.shared.commit_locked(core))
-    }
-
-    /// The in-flight job goes back to pending, or is dropped (records deleted) when a newer
-    /// pending job supersedes it. Returns whether it was superseded.
-    fn requeue_locked(
-        &self,
-        core: &mut Core,
-        message: &str,
-        seq: u64,
-        due_ms: u64,
-        failed: bool,
-        stored: Stored,
-    ) -> bool {
-        let Some(requeued) = core
-            .state
-            .requeue(message, seq, due_ms, now_ms(), failed, stored)
-        else {
-            return false;
-        };
-        self.shared.announce(requeued.announce);
-        if requeued.superseded {
-            if let Some(loc) = stored.loc {
-                core.ledger.done(loc);
-            }
-            self.shared.metrics.edits_superseded.inc();
-        } else {
-            self.shared.timer_changed.notify_one();
-        }
-        requeued.superseded
-    }
-
-    /// The job can never succeed: move it to the dead letters.
-    pub fn dead_letter(&self, job: &Job, info: DeadInfo) -> Commit {
-        let mut core = self.shared.lock();
-        let now = now_ms();
-        let finished = core.state.finish(&job.header.message_id, job.seq, now);
-        let record = DeadRecord {
-            header: job.header.clone(),
-            dead_ms: now,
-            reason: info.reason.to_string(),
-            status: info.status,
-            zoom_code: info.zoom_code,
-            detail: info.detail,
-        };
-        core.ledger.done(job.loc);
-        core.ops.push(put_json(DEAD, job.seq, &record));
-        core.ops
-            .push(put_dead_body(job.seq, job.updated_ms, &job.body));
-        core.dead += 1;
-        self.shared
-            .metrics
-            .edits_dead_lettered
-            .with_label_values(&[info.reason])
-            .inc();
-        self.shared.announce(finished.announce);
-        self.shared.commit_locked(core)
+    /// Resolves once batch `batch` is committed (see [`Job::marked_batch`]).
+    pub async fn durable(&self, batch: u64) {
+        let mut durable = self.shared.durable_batch.subscribe();
+        let _ = durable.wait_for(|&done| done >= batch).await;
     }
 
     /// Moves jobs whose retry time has come to their accounts' lines (announcing them).

@@ -4,7 +4,7 @@
 
 use super::ledger::Loc;
 use super::state::Stored;
-use super::store::{corrupt, JobHeader, StoreError, HEADERS};
+use super::store::{corrupt, JobHeader, JobOp, StoreError, HEADERS};
 
 /// A job's state as one record entry stores it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +20,7 @@ pub struct EntryRef<'a> {
     pub account_id: &'a str,
     /// Length of the body (the bodies themselves are in the record's `b` value).
     pub body_len: u32,
+    pub op: JobOp,
 }
 
 impl<'a> EntryRef<'a> {
@@ -35,6 +36,7 @@ impl<'a> EntryRef<'a> {
             message_id: &header.message_id,
             account_id: &header.account_id,
             body_len: body.len() as u32,
+            op: header.op,
         }
     }
 
@@ -56,6 +58,7 @@ impl<'a> EntryRef<'a> {
             attempts: self.attempts,
             next_attempt_ms: self.next_attempt_ms,
             first_failure_ms: self.first_failure_ms,
+            op: self.op,
         }
     }
 }
@@ -64,6 +67,10 @@ impl<'a> EntryRef<'a> {
 /// entry (small numbers, times close to each other, no retry state) takes about 12 bytes
 /// besides its ids. Recovery reads every header of the backlog, and what it reads sled keeps
 /// in memory for a while, so these bytes count twice.
+///
+/// An entry of any other operation than content starts with a 0 byte (a job id is never 0,
+/// so entries written before there were operations read as they always did) and a varint
+/// naming the operation (1: delete).
 ///
 /// Fields in order: seq; updated_ms; updated_ms − enqueued_ms (zigzag: the wall clock may
 /// step back); attempts; next_attempt_ms and first_failure_ms (0 for none, else their
@@ -74,6 +81,10 @@ pub fn encode_header(out: &mut Vec<u8>, entry: &EntryRef<'_>) {
         0 => 0,
         t => zigzag(t.wrapping_sub(entry.updated_ms) as i64) + 1,
     };
+    match entry.op {
+        JobOp::Content => {}
+        JobOp::Delete => out.extend_from_slice(&[0, 1]),
+    }
     put_varint(out, entry.seq);
     put_varint(out, entry.updated_ms);
     put_varint(
@@ -141,6 +152,14 @@ pub fn entries(record: u64, headers: &[u8]) -> Entries<'_> {
 impl<'a> Entries<'a> {
     fn decode(&mut self) -> Option<EntryRef<'a>> {
         let rest = &mut self.rest;
+        let mut op = JobOp::Content;
+        if rest.first() == Some(&0) {
+            *rest = &rest[1..];
+            op = match take_varint(rest)? {
+                1 => JobOp::Delete,
+                _ => return None,
+            };
+        }
         let seq = take_varint(rest)?;
         let updated_ms = take_varint(rest)?;
         let enqueued_ms = updated_ms.wrapping_sub(unzigzag(take_varint(rest)?) as u64);
@@ -171,6 +190,7 @@ impl<'a> Entries<'a> {
             message_id: texts[0],
             account_id: texts[1],
             body_len,
+            op,
         })
     }
 }
@@ -212,6 +232,7 @@ mod tests {
             message_id: "message-é",
             account_id: "",
             body_len: 5,
+            op: JobOp::Content,
         };
         let second = EntryRef {
             seq: 2,
@@ -219,6 +240,7 @@ mod tests {
             message_id: "m2",
             account_id: "acct",
             body_len: 0,
+            op: JobOp::Delete,
             ..first
         };
         // The clock stepped back: times before the ack time, an enqueue time after it.

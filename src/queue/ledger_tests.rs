@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 
 use super::ledger::{is_done, Ledger, Loc};
-use super::store::{entries, key, EntryRef, Op, BODIES, DONE, HEADERS, RECORD_BODY_BYTES};
+use super::store::{entries, key, EntryRef, JobOp, Op, BODIES, DONE, HEADERS, RECORD_BODY_BYTES};
 
 #[derive(Debug, Clone)]
 enum Step {
@@ -64,6 +64,7 @@ impl Harness {
             attempts: 0,
             next_attempt_ms: 0,
             first_failure_ms: None,
+            op: JobOp::Content,
             message_id: "m",
             account_id: "a",
             body_len: len as u32,
@@ -218,6 +219,7 @@ fn a_busy_commit_is_a_few_records() {
             attempts: 0,
             next_attempt_ms: 0,
             first_failure_ms: None,
+            op: JobOp::Content,
             message_id: "message",
             account_id: "account",
             body_len: body.len() as u32,

@@ -29,9 +29,14 @@
 mod dead;
 mod delivery;
 pub use delivery::{Claimed, Head};
+mod outcome;
+pub use outcome::SentMessage;
 mod entry;
 mod ledger;
+mod lifecycle;
+pub use lifecycle::{describe, Deleted};
 mod recovery;
+mod refs;
 mod slab;
 mod state;
 mod store;
@@ -44,12 +49,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
-use crate::protocol::Edit;
 use ledger::Ledger;
 pub use ledger::Loc;
+use refs::Refs;
 pub use state::{State, Stored};
 use store::{put_next_seq, EntryRef, Op, Store};
-pub use store::{DeadRecord, JobHeader, StoreError};
+pub use store::{DeadRecord, JobHeader, JobOp, StoreError};
 
 /// Milliseconds since the Unix epoch: the clock of every time stored on disk.
 pub fn now_ms() -> u64 {
@@ -73,6 +78,28 @@ pub enum EnqueueError {
     Full(u64),
     #[error("{0}")]
     Unavailable(String),
+    /// The ref or message is unknown.
+    #[error("{0}")]
+    NotFound(String),
+    /// The message was deleted.
+    #[error("{0}")]
+    Gone(String),
+}
+
+/// Which Zoom call a claimed job makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    /// The first send of a message named by a ref, with the send's body (the job's body is
+    /// its content, as stored).
+    Send {
+        body: Vec<u8>,
+    },
+    Edit {
+        message_id: String,
+    },
+    Delete {
+        message_id: String,
+    },
 }
 
 /// A job claimed by a worker, with everything needed to send it.
@@ -82,12 +109,22 @@ pub struct Job {
     pub header: JobHeader,
     /// When the content being sent was acknowledged (unix ms).
     pub updated_ms: u64,
-    /// Zoom's request body.
+    /// Zoom's request body (for a delete, its query parameters as a JSON object).
     pub body: Vec<u8>,
     /// Whether the account still had ready work after this claim.
     pub more: bool,
+    pub call: Call,
+    /// A send may leave only once this batch is committed: it records that the send is
+    /// under way, so that a crash during it is known as one (see `refs.rs`).
+    pub marked_batch: Option<u64>,
+    /// A send whose earlier attempt's outcome is unknown: sending it may post it twice.
+    pub in_doubt: bool,
+    /// Set by the dispatcher when this attempt's outcome is unknown (kept by `retry_later`).
+    pub outcome_unknown: bool,
     /// Where its entry is stored.
     loc: Loc,
+    /// The message's key in the index.
+    key: state::MessageKey,
 }
 
 /// Why a job went to the dead letters.
@@ -115,6 +152,8 @@ pub struct QueueStats {
     pub in_flight: u64,
     pub dead: u64,
     pub accounts: u64,
+    /// Messages remembered by ref or as deleted.
+    pub refs: u64,
     pub storage_error: Option<String>,
     /// Recovery is still reading stored edits back (counts are partial meanwhile).
     pub recovering: bool,
@@ -154,6 +193,10 @@ struct Shared {
     recoverer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// What recovery found, once it is done.
     recovered: tokio::sync::watch::Sender<Option<Recovery>>,
+    /// Bumped whenever a message gets its id or reaches a final state, for `status` waits.
+    status_changed: tokio::sync::watch::Sender<u64>,
+    /// The number of the last batch committed.
+    durable_batch: tokio::sync::watch::Sender<u64>,
     /// Tests only: when set, recovery waits for a message before each record and answers one
     /// after it, so a test can look at the queue between records.
     #[cfg(test)]
@@ -165,6 +208,8 @@ type RecoverySteps = (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>
 
 struct Core {
     state: State,
+    /// What is remembered of messages beyond their jobs (see `refs.rs`).
+    refs: Refs,
     dead: u64,
     /// Records: entries appended and retired since the last commit (see `ledger.rs`).
     ledger: Ledger,
@@ -249,6 +294,19 @@ impl Queue {
         let migrated = recovery::migrate_v1(&store, &mut committer)?;
         let first_new_record = store.last_record()?.map_or(1, |r| r + 1);
         let state = State::new(store.next_seq()?);
+        // Remembered messages are read before anything is served (they are few next to a
+        // backlog of edits: one per ref in use or message deleted lately).
+        let mut refs = Refs::default();
+        for record in store.refs() {
+            let record = record?;
+            let key = state.key(&record.name);
+            let message_key = record
+                .message_id
+                .as_deref()
+                .filter(|_| refs::ref_of(&record.name).is_some())
+                .map(|id| state.key(id));
+            refs.put(key, record, message_key);
+        }
         let ledger = Ledger::new(first_new_record);
         let dead = store.count_dead()?;
         let (ready_tx, ready_rx) = mpsc::unbounded_channel();
@@ -256,13 +314,14 @@ impl Queue {
             core: Mutex::new(Core {
                 next_seq_written: state.next_seq(),
                 state,
+                refs,
                 dead,
                 ledger,
                 ops: Vec::new(),
                 retained: Vec::new(),
                 waiters: Vec::new(),
                 overlay: HashMap::new(),
-                batch_gen: 0,
+                batch_gen: 1,
                 failure: None,
                 space_low: writer::low_space(&config.path, config.min_free_bytes),
                 closing: false,
@@ -282,6 +341,8 @@ impl Queue {
             dead_ops: tokio::sync::Mutex::new(()),
             recoverer: Mutex::new(None),
             recovered: tokio::sync::watch::channel(None).0,
+            status_changed: tokio::sync::watch::channel(0).0,
+            durable_batch: tokio::sync::watch::channel(0).0,
             #[cfg(test)]
             recovery_steps: Mutex::new(steps),
         });
@@ -322,105 +383,6 @@ impl Queue {
         self.shared.lock().recovering.is_some()
     }
 
-    /// Makes one edit durable, coalescing it with the message's pending edit if there is one.
-    pub async fn enqueue(&self, edit: &Edit) -> Result<Enqueued, EnqueueError> {
-        let now = now_ms();
-        let body = edit.zoom_body();
-        let message_id = match &edit.target {
-            crate::protocol::Target::MessageId(id) => id.as_str(),
-            crate::protocol::Target::Ref(_) => {
-                return Err(EnqueueError::Unavailable(
-                    "edits by ref are not supported yet".into(),
-                ))
-            }
-        };
-        let (placed, commit, wake) = {
-            let mut core = self.shared.lock();
-            if core.closing {
-                return Err(EnqueueError::Unavailable(
-                    "the daemon is shutting down; the edit was not accepted".into(),
-                ));
-            }
-            if let Some(free) = core.space_low {
-                return Err(EnqueueError::Unavailable(format!(
-                    "storage nearly full: {free} bytes free on the filesystem of {}, below \
-                     storage.min_free_bytes ({}); the edit was not accepted, try again later",
-                    self.shared.storage.path.display(),
-                    self.shared.storage.min_free_bytes
-                )));
-            }
-            if let Some(failure) = core.failure.as_ref().or(core.recovery_failure.as_ref()) {
-                return Err(EnqueueError::Unavailable(format!(
-                    "storage is failing ({failure}); the edit was not accepted, try again later"
-                )));
-            }
-            if core.state.would_add(message_id) && core.state.pending() >= self.shared.max_pending {
-                return Err(EnqueueError::Full(core.state.pending()));
-            }
-            let replaces_failed = core.state.pending_failed(message_id);
-            let (seq, coalesced, announce) =
-                match core.state.enqueue(message_id, &edit.account_id, now) {
-                    state::Placed::New { seq, announce } => (seq, false, announce),
-                    // A move to another account is in the index; the new entry names it.
-                    state::Placed::Coalesced { seq, announce, .. } => (seq, true, announce),
-                };
-            let (_, due_ms, stored) = core
-                .state
-                .pending_job(message_id)
-                .expect("the edit was just placed");
-            let entry = EntryRef {
-                seq,
-                enqueued_ms: stored.enqueued_ms,
-                updated_ms: now,
-                attempts: stored.attempts,
-                next_attempt_ms: due_ms,
-                first_failure_ms: stored.first_failure_ms,
-                message_id,
-                account_id: &edit.account_id,
-                body_len: body.len() as u32,
-            };
-            let loc = core.write_entry(&entry, &body);
-            if let Some(replaced) = core.state.set_loc(message_id, loc) {
-                core.ledger.done(replaced);
-            }
-            if let Some(fresh) = core.recovering.as_mut() {
-                fresh.insert(seq);
-            }
-            let (tx, rx) = oneshot::channel();
-            core.waiters.push(tx);
-            if let Some(account) = announce {
-                let _ = self.shared.ready_tx.send(account);
-            }
-            if coalesced && replaces_failed {
-                // The replaced content failed and waited for a retry: it will never be sent.
-                self.shared.metrics.edits_superseded.inc();
-            }
-            ((seq, coalesced), rx, core.writer_waiting)
-        };
-        if wake {
-            self.shared.writer_wake.notify_one();
-        }
-        match commit.await {
-            Ok(Ok(())) => {
-                let metrics = &self.shared.metrics;
-                metrics.edits_accepted.inc();
-                if placed.1 {
-                    metrics.edits_coalesced.inc();
-                }
-                Ok(Enqueued {
-                    job_id: placed.0,
-                    coalesced: placed.1,
-                })
-            }
-            Ok(Err(e)) => Err(EnqueueError::Unavailable(format!(
-                "storage failed to persist the edit ({e}); it was not accepted, try again later"
-            ))),
-            Err(_) => Err(EnqueueError::Unavailable(
-                "the storage writer stopped; the edit was not accepted".into(),
-            )),
-        }
-    }
-
     pub fn stats(&self) -> QueueStats {
         let core = self.shared.lock();
         QueueStats {
@@ -428,6 +390,7 @@ impl Queue {
             in_flight: core.state.in_flight(),
             dead: core.dead,
             accounts: core.state.accounts() as u64,
+            refs: core.refs.len() as u64,
             storage_error: core
                 .failure
                 .clone()
@@ -468,6 +431,7 @@ impl Queue {
         metrics.queue_pending.set(stats.pending as i64);
         metrics.queue_in_flight.set(stats.in_flight as i64);
         metrics.queue_dead.set(stats.dead as i64);
+        metrics.refs_remembered.set(stats.refs as i64);
         if let Ok(age) = self.oldest_age() {
             metrics
                 .queue_oldest_pending_age

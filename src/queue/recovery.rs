@@ -5,7 +5,8 @@
 use std::time::Instant;
 
 use super::ledger::{self, Ledger, Loc};
-use super::store::{self, put_next_seq, EntryRef, Store, StoreError};
+use super::refs::RefRecord;
+use super::store::{self, put_next_seq, EntryRef, JobOp, Store, StoreError};
 use super::{now_ms, Recovery, Shared};
 
 /// Converts jobs stored in the layout of earlier versions (one key pair per job) to records,
@@ -97,11 +98,28 @@ pub(super) fn recover(
                 };
                 let fresh = core.recovering.as_ref().expect("recovering");
                 if let Some(existing) = core.state.pending_of(entry.message_id) {
-                    if fresh.contains(&existing) {
+                    if fresh.contains(&existing) && entry.op == JobOp::Delete {
+                        // Content accepted meanwhile for a message whose delete was
+                        // accepted before: the delete stands, nothing follows it.
+                        let key = core.state.key(entry.message_id);
+                        if let Some((_, Some(loc))) = core.state.drop_pending(key) {
+                            core.ledger.done(loc);
+                        }
+                        superseded += 1;
+                    } else if fresh.contains(&existing) {
                         core.ledger.done(loc);
                         superseded += 1;
                         continue;
                     }
+                }
+                if entry.op == JobOp::Delete {
+                    // A pending delete: nothing more is accepted for its message.
+                    let key = core.state.key(entry.message_id);
+                    if core.refs.get(key).is_none() {
+                        let record = RefRecord::new(entry.message_id.to_string(), entry.updated_ms);
+                        core.refs.put(key, record, None);
+                    }
+                    core.refs.update(key, |r| r.deleted = true);
                 }
                 let restored = core.state.restore(
                     entry.message_id,

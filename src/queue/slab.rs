@@ -17,6 +17,16 @@ use hashbrown::HashTable;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct MessageKey([u64; 2]);
 
+impl MessageKey {
+    /// Its two halves, for ordered sets (only meaningful within this process).
+    pub fn parts(self) -> [u64; 2] {
+        self.0
+    }
+    pub fn from_parts(parts: [u64; 2]) -> MessageKey {
+        MessageKey(parts)
+    }
+}
+
 /// What a slab holds: values that know their message's key.
 pub trait Keyed {
     fn key(&self) -> MessageKey;

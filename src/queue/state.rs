@@ -348,6 +348,36 @@ impl State {
         let slot = self.slot(self.find_str(message)?);
         (slot.in_flight != 0).then_some(slot.in_flight)
     }
+    /// The pending and in-flight job ids of the message known by `key` (0: none).
+    pub fn jobs_of_key(&self, key: MessageKey) -> (u64, u64) {
+        match self.find(key) {
+            Some(n) => {
+                let slot = self.slot(n);
+                (slot.pending.seq, slot.in_flight)
+            }
+            None => (0, 0),
+        }
+    }
+
+    /// Drops the message's pending job (a delete cancelled it before it was ever sent):
+    /// returns its id and where its entry is, to retire it.
+    pub fn drop_pending(&mut self, key: MessageKey) -> Option<(u64, Option<Loc>)> {
+        let n = self.find(key)?;
+        let pending = self.slot(n).pending;
+        if !pending.is_some() {
+            return None;
+        }
+        let loc = self.stored(&pending).loc;
+        self.unplace(n);
+        self.forget_retry(&pending);
+        self.slot_mut(n).pending = PendingJob::default();
+        self.pending -= 1;
+        if self.slot(n).in_flight == 0 {
+            self.remove_slot(n);
+        }
+        Some((pending.seq, loc))
+    }
+
     /// Whether the message's pending job `seq` is waiting for a retry time.
     pub fn is_waiting(&self, message: &str, seq: u64) -> bool {
         self.find_str(message).is_some_and(|n| {

@@ -15,6 +15,7 @@
 //! | `d` + job id     | [`DeadRecord`] as JSON                                       |
 //! | `e` + job id     | a dead letter's 8-byte BE ack time (ms), then its body        |
 //! | `m` `next_seq`   | the next job id, 8-byte BE                                   |
+//! | `r` + name       | what is remembered of a message ([`RefRecord`]) as JSON       |
 //!
 //! An entry is a job's complete state (ids, times, retry state, body). A job's state never
 //! changes in place: a coalesced edit or a retry writes a new entry and sets the old entry's
@@ -42,15 +43,30 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use super::entry::{encode_header, entries, EntryRef};
+use super::refs::RefRecord;
 
 /// Bodies per record before it is sealed and a new one started. Small enough that sled keeps
 /// a record inline in its log (it moves values over ~128 KiB with their node to blob files,
 /// each an extra file to sync), large enough that a busy commit is a few inserts.
 pub const RECORD_BODY_BYTES: usize = 7 * 1024;
 
+/// What a job asks of Zoom. A content job of a message named by `ref` is a send until
+/// Zoom has given the message its id, an edit after (decided at claim, see `delivery.rs`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobOp {
+    /// New content of the message: an edit, or the send of a message named by `ref`.
+    #[default]
+    Content,
+    /// The message's deletion; its body holds the delete call's parameters.
+    Delete,
+}
+
 /// Metadata of a pending or in-flight job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobHeader {
+    /// The message's name in the index: Zoom's message id, or for a message named by a
+    /// producer's `ref` the name `refs::ref_name` builds (never a valid message id).
     pub message_id: String,
     pub account_id: String,
     /// When the job was created: its place in line (unix ms).
@@ -61,6 +77,9 @@ pub struct JobHeader {
     pub next_attempt_ms: u64,
     /// When the first failed attempt happened, if any (unix ms).
     pub first_failure_ms: Option<u64>,
+    /// Dead letters written before there were other operations have none: content.
+    #[serde(default)]
+    pub op: JobOp,
 }
 
 /// A job that can never succeed, kept for an operator.
@@ -103,6 +122,7 @@ pub const BODIES: u8 = b'b';
 pub const DONE: u8 = b'x';
 pub const DEAD: u8 = b'd';
 pub const DEAD_BODY: u8 = b'e';
+pub const REFS: u8 = b'r';
 const NEXT_SEQ_KEY: &[u8] = b"mnext_seq";
 /// Keys of the layout before records (one header and one content key per job).
 const V1_JOB: u8 = b'j';
@@ -148,6 +168,24 @@ pub fn put_dead_body(seq: u64, updated_ms: u64, body: &[u8]) -> Op {
     value.extend_from_slice(&updated_ms.to_be_bytes());
     value.extend_from_slice(body);
     Op::Put(key(DEAD_BODY, seq), value)
+}
+
+pub fn put_ref(record: &RefRecord) -> Op {
+    Op::Put(
+        ref_key(&record.name),
+        serde_json::to_vec(record).expect("records always serialize"),
+    )
+}
+
+pub fn del_ref(name: &str) -> Op {
+    Op::Del(ref_key(name))
+}
+
+fn ref_key(name: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + name.len());
+    key.push(REFS);
+    key.extend_from_slice(name.as_bytes());
+    key
 }
 
 pub fn put_next_seq(next_seq: u64) -> Op {
@@ -392,6 +430,17 @@ impl Store {
             let record =
                 serde_json::from_slice(&v).map_err(|e| corrupt(DEAD, seq, e.to_string()))?;
             Ok((seq, record))
+        })
+    }
+
+    /// Every remembered message (see `queue::refs`).
+    pub fn refs(&self) -> impl Iterator<Item = Result<RefRecord, StoreError>> + '_ {
+        self.db.scan_prefix([REFS]).map(|item| {
+            let (k, v) = item?;
+            serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                detail: e.to_string(),
+            })
         })
     }
 

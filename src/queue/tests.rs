@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::config::StorageConfig;
-use crate::protocol::{parse_request, Request, Selector};
+use crate::protocol::{parse_request, Edit, Request, Selector};
 
 fn edit(message: &str, account: &str, text: &str) -> Edit {
     let line = format!(
@@ -68,6 +68,7 @@ impl Queue {
         match self.claim(account).unwrap() {
             Claimed::Job(job) => Some(job),
             Claimed::Empty => None,
+            Claimed::Skipped { .. } => panic!("a job needing no request"),
             Claimed::NotDurable => panic!("an acknowledged edit is not durable"),
         }
     }
@@ -108,10 +109,10 @@ async fn coalesces_pending_and_serializes_in_flight() {
         queue.claim_now("a").is_none(),
         "never two in flight for one message"
     );
-    wait(queue.complete(&job)).await.unwrap();
+    wait(queue.complete(&job, None)).await.unwrap();
     let next = queue.claim_now("a").unwrap();
     assert_eq!(text_of(&next), "v3");
-    wait(queue.complete(&next)).await.unwrap();
+    wait(queue.complete(&next, None)).await.unwrap();
     let stats = queue.stats();
     assert_eq!((stats.pending, stats.in_flight), (0, 0));
 }
@@ -148,6 +149,7 @@ async fn converts_a_queue_of_the_earlier_layout() {
         attempts: 0,
         next_attempt_ms: 0,
         first_failure_ms: None,
+        op: JobOp::Content,
     };
     let body = |text: &str| String::from_utf8(edit("x", "x", text).zoom_body()).expect("utf-8");
     let (old, new, other, gone) = (body("old"), body("new"), body("other"), body("gone"));
@@ -291,7 +293,7 @@ async fn a_retried_job_is_claimed_again_with_its_content() {
     let again = queue.claim_now("a").expect("claimable again");
     assert_eq!((again.seq, text_of(&again)), (job.seq, "v1".to_string()));
     assert_eq!(again.header.attempts, 1);
-    wait(queue.complete(&again)).await.unwrap();
+    wait(queue.complete(&again, None)).await.unwrap();
     assert_eq!(queue.stats().pending, 0);
 }
 
@@ -350,10 +352,10 @@ async fn content_arriving_during_recovery_waits_and_wins() {
     assert!(!queue.recovering());
     assert_eq!(text_of(&queue.claim_now("b").unwrap()), "b2");
     assert_eq!(text_of(&queue.claim_now("c").unwrap()), "c2");
-    wait(queue.complete(&a1)).await.unwrap();
+    wait(queue.complete(&a1, None)).await.unwrap();
     let a2 = queue.claim_now("a").unwrap();
     assert_eq!(text_of(&a2), "a2");
-    wait(queue.complete(&a2)).await.unwrap();
+    wait(queue.complete(&a2, None)).await.unwrap();
     assert_eq!(queue.stats().pending, 0);
 }
 
@@ -380,7 +382,7 @@ async fn a_drained_queue_gives_its_space_back() {
     let full = queue.size_on_disk().unwrap();
     assert!(full > 1 << 20, "{full} bytes");
     while let Some(job) = queue.claim_now("a") {
-        wait(queue.complete(&job)).await.unwrap();
+        wait(queue.complete(&job, None)).await.unwrap();
     }
     // The commit that retired the last records is followed by the rebuild, right after its
     // waiters are answered.

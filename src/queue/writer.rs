@@ -92,6 +92,7 @@ pub(super) fn writer_loop(shared: &Shared, committer: Committer) {
                     }
                 }
                 failures = 0;
+                shared.durable_batch.send_replace(taken_gen);
                 shared.committed.notify_one();
                 for waiter in waiters {
                     let _ = waiter.send(Ok(()));
@@ -151,6 +152,9 @@ fn shrink_if_drained(shared: &Shared, committer: Committer) -> Option<Committer>
     let empty = core.state.pending() == 0
         && core.state.in_flight() == 0
         && core.dead == 0
+        // Remembered messages (refs, deletions) would be lost to a crash between the rebuild
+        // and their rewrite: a database that holds any is not rebuilt.
+        && core.refs.len() == 0
         && core.ledger.records() == 0
         && !core.has_writes()
         && core.waiters.is_empty()

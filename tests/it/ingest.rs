@@ -84,7 +84,7 @@ async fn every_bad_input_gets_its_specific_error_and_the_connection_goes_on() {
         (
             br#"{"op":"edit","account_id":"a","robot_jid":"r","content":{"a":1}}"#.to_vec(),
             "bad_request",
-            "`message_id` is missing",
+            "`message_id` or `ref` is missing",
         ),
         (
             br#"{"op":"edit","message_id":"m","account_id":"a","robot_jid":"r","content":{}}"#.to_vec(),

@@ -8,5 +8,6 @@ mod crash;
 mod delivery;
 mod faults;
 mod ingest;
+mod lifecycle;
 mod operator_view;
 mod shutdown;
