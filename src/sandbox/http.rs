@@ -1,5 +1,5 @@
 //! The sandbox's HTTP server: routes, the token endpoint and the `/sandbox/*` views for bot
-//! authors. The edit endpoint lives in `edit.rs`.
+//! authors. The message calls (send, edit, delete) live in `calls.rs`.
 //!
 //! Nothing here logs a token or the client secret.
 
@@ -18,8 +18,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::calls;
 use super::conn::{ResetSwitch, ResettableListener};
-use super::edit::edit;
 use super::reply::zoom_error;
 use super::state::Shared;
 
@@ -27,7 +27,12 @@ use super::state::Shared;
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken) {
     let app = Router::new()
         .route("/oauth/token", post(token))
-        .route("/v2/im/chat/messages/{message_id}", put(edit))
+        .route("/v2/im/chat/messages", post(calls::send))
+        .route(
+            "/v2/im/chat/messages/{message_id}",
+            put(calls::edit).delete(calls::delete),
+        )
+        .route("/sandbox/messages", get(view_messages))
         .route("/sandbox/messages/{message_id}", get(view_message))
         .route("/sandbox/stats", get(view_stats))
         .fallback(not_found)
@@ -92,14 +97,23 @@ async fn view_message(
     State(shared): State<Arc<Shared>>,
     Path(message_id): Path<String>,
 ) -> Response {
+    // A record made only by refused requests describes no message a bot author could look at.
     match shared.lock().message(&message_id) {
-        Some(record) if record.edits > 0 => Json(record).into_response(),
+        Some(record) if record.to_jid.is_some() || record.edits > 0 || record.deleted => {
+            Json(record).into_response()
+        }
         _ => zoom_error(
             StatusCode::NOT_FOUND,
             8001,
-            "Message was never edited in this sandbox.",
+            "Message was never sent, edited or deleted in this sandbox.",
         ),
     }
+}
+
+/// Every message record, oldest first, refused requests' records included: the list is for
+/// checking what a client did, misses too.
+async fn view_messages(State(shared): State<Arc<Shared>>) -> Response {
+    Json(shared.lock().messages()).into_response()
 }
 
 async fn view_stats(State(shared): State<Arc<Shared>>) -> Response {
@@ -147,14 +161,22 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
 
 /// The value of `key` in an `application/x-www-form-urlencoded` string.
 fn form_value(form: &str, key: &str) -> Option<String> {
-    form.split('&').find_map(|pair| {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let decode = |text: &str| {
-            let text = text.replace('+', " ");
-            percent_encoding::percent_decode_str(&text)
-                .decode_utf8_lossy()
-                .into_owned()
-        };
-        (decode(name) == key).then(|| decode(value))
-    })
+    form_pairs(form).find_map(|(name, value)| (name == key).then_some(value))
+}
+
+/// The decoded name-value pairs of an `application/x-www-form-urlencoded` string (a query), in
+/// order.
+pub(crate) fn form_pairs(form: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    let decode = |text: &str| {
+        let text = text.replace('+', " ");
+        percent_encoding::percent_decode_str(&text)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    form.split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(move |pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(name), decode(value))
+        })
 }

@@ -1,35 +1,52 @@
 //! The local Zoom sandbox: a fake Zoom that speaks the real protocol over HTTP on loopback.
 //!
-//! It serves the two calls zoomq makes (`POST /oauth/token` and
-//! `PUT /v2/im/chat/messages/{message_id}`) with Zoom's request checks, response bodies, rate
-//! limits and 429 headers, plus injectable faults, and records what it saw so tests, benchmarks
-//! and bot authors can check what a client did. The integration tests, the benchmarks and the
-//! `zoomq sandbox` command all start it through [`Sandbox::start`] / [`Sandbox::start_on`].
+//! It serves the calls zoomq makes: `POST /oauth/token` and Zoom's three chatbot message calls,
+//! send (`POST /v2/im/chat/messages`), edit (`PUT /v2/im/chat/messages/{message_id}`) and delete
+//! (`DELETE /v2/im/chat/messages/{message_id}?account_id=..&robot_jid=..`), with Zoom's request
+//! checks, response bodies, rate limits and 429 headers, plus injectable faults, and records
+//! what it saw so tests, benchmarks and bot authors can check what a client did. The integration
+//! tests, the benchmarks and the `zoomq sandbox` command all start it through [`Sandbox::start`]
+//! / [`Sandbox::start_on`].
 //!
 //! This file owns the public API: configuration ([`SandboxConfig`], [`AccountSettings`],
 //! [`Faults`], [`Scripted`]) and the [`Sandbox`] handle. It deliberately knows nothing about
 //! HTTP; the submodules split the rest:
 //!
 //! - `http.rs`: the server, its routes, the token endpoint and the `/sandbox/*` views.
-//! - `edit.rs`: the edit endpoint and the order in which a request is checked.
+//! - `calls.rs`: the send, edit and delete endpoints and the order in which a request is checked.
+//! - `schema.rs`: each call's parameters as Zoom's schema has them (400 code 7001).
+//! - `fault.rs`: the random faults drawn for one request.
 //! - `reply.rs`: Zoom's response bodies and headers.
-//! - `state.rs`: the shared state behind one mutex and the quota bookkeeping.
+//! - `state.rs`: the shared state behind one mutex, the messages and the quota bookkeeping.
 //! - `stats.rs`: the observation types ([`MessageRecord`], [`AccountStats`],
 //!   [`SandboxStats`], [`RequestRecord`]).
 //! - `conn.rs`: the listener whose connections a handler can reset without answering.
-//! - `tests.rs`: unit tests of what `tests/sandbox.rs` does not cover (injected 429s).
+//! - `tests.rs`: unit tests of what `tests/sandbox/` does not cover (injected 429s).
+//!
+//! # Messages
+//!
+//! A send creates a message under a new opaque id (letters, digits, `-` and `_`, in the two
+//! shapes Zoom's examples show), which edits and deletes then name. Ids the sandbox never saw
+//! are taken as messages sent before it started: an edit of one succeeds, and so does a delete,
+//! after which the id is deleted like any other. An edit or delete of a deleted message, or of
+//! an id in [`SandboxConfig::missing_messages`] / [`SandboxConfig::missing_prefix`], answers
+//! 404 code 8001.
 //!
 //! # Rate-limit model
 //!
 //! Zoom does not document its window, so the sandbox picks the strict reading and says so:
 //!
+//! - All three message calls share one per-account quota, as Zoom's Medium label has it: a
+//!   send, an edit and a delete each count as one request of the account.
 //! - Per-second limits use **fixed one-second windows aligned to the sandbox's start instant**
 //!   (window `n` covers `[start + n s, start + (n + 1) s)` on the monotonic clock), not to
 //!   wall-clock seconds. Tests therefore see the same windows however the wall clock ticks.
-//! - Every edit request that carries a live token and names an `account_id` counts toward that
-//!   account's per-second window, whatever it is answered (429s, 400s, 404s, injected faults
-//!   included): Zoom counts what reaches it. Requests answered by a [`Scripted`] step, and
-//!   requests rejected before the account is known (bad token, unparsable body) do not count.
+//! - Every request of the three calls that carries a live token and names an `account_id` (in
+//!   the body of a send or edit, in the query of a delete) counts toward that account's
+//!   per-second window, whatever it is answered (429s, 400s, 404s, injected faults included):
+//!   Zoom counts what reaches it. Requests answered by a [`Scripted`] status or reset, and
+//!   requests rejected before the account is known (bad token, unparsable body, no
+//!   `account_id`) do not count.
 //! - Daily limits count the requests that got past the per-second check, and reset at 00:00 UTC
 //!   on the wall clock.
 //! - `X-RateLimit-Limit` reports the account's *plan* limit; `X-RateLimit-Remaining` reports what
@@ -37,11 +54,23 @@
 //!   override can make smaller, as when another app shares the quota).
 //! - [`Sandbox::inject_429`] forces a 429 on an account's next requests that pass both checks,
 //!   as when another app's burst or Zoom itself refuses one request; they count like any other.
+//!
+//! # Faults
+//!
+//! A client must survive a Zoom that fails before doing anything and one that does the work and
+//! then fails to say so; for a send, which Zoom cannot deduplicate, only the second can post a
+//! message twice. So faults come in two kinds: [`Faults::reset`], [`Faults::error_5xx`] and
+//! [`Faults::spurious_429`] answer without applying the request, while
+//! [`Faults::reset_after_apply`] and [`Faults::error_5xx_after_apply`] apply it (create, edit
+//! or delete the message) and then reset the connection or answer a 5xx. [`Scripted`] steps
+//! offer the same two kinds for one chosen request.
 
+mod calls;
 mod conn;
-mod edit;
+mod fault;
 mod http;
 mod reply;
+mod schema;
 mod state;
 mod stats;
 #[cfg(test)]
@@ -93,21 +122,23 @@ pub struct SandboxConfig {
     /// Form of the `Retry-After` sent with a per-second 429 (the start of the next window).
     /// `None` (default): no `Retry-After`, as Zoom usually does.
     pub qps_retry_after: Option<RetryAfterForm>,
-    /// Answer successful edits with `204 No Content` instead of Zoom's documented 200 + body.
+    /// Answer successful edits with `204 No Content` instead of Zoom's documented 200 + body,
+    /// as one production client reports. Sends and deletes keep their bodies: a send without
+    /// its `message_id` would be useless.
     pub respond_204: bool,
-    /// `robot_jid`s answered with 404 code 7002.
+    /// `robot_jid`s answered with 404 code 7002 (by all three calls).
     pub unknown_robots: HashSet<String>,
-    /// `robot_jid`s answered with 403 code 7004.
+    /// `robot_jid`s answered with 403 code 7004 (by all three calls).
     pub forbidden_robots: HashSet<String>,
-    /// Message ids answered with 404 code 8001.
+    /// Message ids whose edits and deletes are answered with 404 code 8001.
     pub missing_messages: HashSet<String>,
-    /// Message ids starting with this prefix are answered with 404 code 8001.
-    /// Default: `Some("missing-")`.
+    /// Message ids starting with this prefix are answered with 404 code 8001 by edits and
+    /// deletes. Default: `Some("missing-")`.
     pub missing_prefix: Option<String>,
     /// Injected faults.
     pub faults: Faults,
-    /// Seed of the random number generator that decides faults, so a campaign replays the
-    /// same faults for the same sequence of requests.
+    /// Seed of the random number generators that decide faults and the random part of sent
+    /// message ids, so a campaign replays the same faults for the same sequence of requests.
     pub seed: u64,
     /// How many [`RequestRecord`]s to keep; older ones are dropped first.
     pub request_log_capacity: usize,
@@ -162,16 +193,25 @@ pub enum RetryAfterForm {
     Iso8601,
 }
 
-/// Random faults, each drawn independently per edit request from the seeded generator.
-/// Probabilities are in `0.0..=1.0`. They apply after the rate-limit check, so faulted requests
-/// use quota like any request Zoom received; at most one of reset / 5xx / spurious 429 happens,
-/// in that order of precedence, and a slow response can combine with any outcome.
+/// Random faults, each drawn independently per request (send, edit or delete) from the seeded
+/// generator. Probabilities are in `0.0..=1.0`; all default to `0.0`.
+///
+/// They apply after the rate-limit check, so faulted requests use quota like any request Zoom
+/// received. At most one outcome happens per request, in this order of precedence:
+///
+/// 1. `reset`, 2. `error_5xx`, 3. `spurious_429`: the request is not applied;
+/// 4. `reset_after_apply`, 5. `error_5xx_after_apply`: the request is applied first.
+///
+/// An after-apply fault only shows on a request that would have succeeded: one answered 400 or
+/// 404 applied nothing, so it gets its error answer. A slow response combines with any outcome
+/// (the delay comes before the request is applied).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Faults {
-    /// Probability of answering 500, 502 or 503 with a Zoom-style body.
+    /// Probability of answering 500, 502 or 503 with a Zoom-style body, without applying the
+    /// request.
     pub error_5xx: f64,
-    /// Probability of closing the connection without any response (the client sees a
-    /// transport error).
+    /// Probability of closing the connection without any response and without applying the
+    /// request (the client sees a transport error).
     pub reset: f64,
     /// Probability of delaying the response by a uniform draw from `slow_min..=slow_max`.
     pub slow: f64,
@@ -184,6 +224,13 @@ pub struct Faults {
     pub spurious_429_retry_after: Option<RetryAfterForm>,
     /// How far in the future the spurious 429's `Retry-After` points. Not enforced.
     pub spurious_429_delay: Duration,
+    /// Probability of applying the request (creating the message of a send, applying the edit,
+    /// deleting the message) and then closing the connection without answering: a response
+    /// lost on the way back. A client that repeats such a send posts the message twice.
+    pub reset_after_apply: f64,
+    /// Probability of applying the request and then answering 500, 502 or 504, as a gateway
+    /// that timed out after passing the request on does.
+    pub error_5xx_after_apply: f64,
 }
 
 impl Default for Faults {
@@ -197,6 +244,8 @@ impl Default for Faults {
             spurious_429: 0.0,
             spurious_429_retry_after: Some(RetryAfterForm::Seconds),
             spurious_429_delay: Duration::from_secs(1),
+            reset_after_apply: 0.0,
+            error_5xx_after_apply: 0.0,
         }
     }
 }
@@ -219,30 +268,51 @@ pub struct Injected429 {
     pub retry_after: Option<Duration>,
 }
 
-/// One scripted answer to the next edit request for a message id (see [`Sandbox::script`]).
+/// One scripted answer to the next request of a message id (edits and deletes, see
+/// [`Sandbox::script`]) or to the next send to a `to_jid` (see [`Sandbox::script_send`]).
 /// Steps are consumed in order, one per request, before any other handling.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Scripted {
     /// Answer with this status, these headers and this JSON body. `body: None` sends Zoom's
-    /// error shape `{"code": <status>, "message": <reason>}` (no body for 204). The message is
-    /// not edited, and no quota is used.
+    /// error shape `{"code": <status>, "message": <reason>}` (no body for 204). Nothing is
+    /// applied, and no quota is used.
     Status {
         status: u16,
         headers: Vec<(String, String)>,
         body: Option<serde_json::Value>,
     },
-    /// Close the connection without answering.
+    /// Close the connection without answering. Nothing is applied, and no quota is used.
     Reset,
     /// Wait this long, then handle the request normally.
     Delay(Duration),
     /// Handle the request normally (lets a script say "fail, succeed, fail").
     Pass,
+    /// Handle the request normally (token, quota, random faults, checks); if it is applied,
+    /// close the connection instead of answering. A request that fails on its own gets its
+    /// own answer, and the step is used up all the same.
+    ResetAfterApply,
+    /// Like [`Scripted::ResetAfterApply`], but answer with this status, these headers and this
+    /// body (as [`Scripted::Status`] does) once the request is applied.
+    StatusAfterApply {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Option<serde_json::Value>,
+    },
 }
 
 impl Scripted {
     /// `Status` with Zoom's default body and no extra headers.
     pub fn status(status: u16) -> Scripted {
         Scripted::Status {
+            status,
+            headers: Vec::new(),
+            body: None,
+        }
+    }
+
+    /// `StatusAfterApply` with Zoom's default body and no extra headers.
+    pub fn status_after_apply(status: u16) -> Scripted {
+        Scripted::StatusAfterApply {
             status,
             headers: Vec::new(),
             body: None,
@@ -345,9 +415,16 @@ impl Sandbox {
         config
     }
 
-    /// What the sandbox knows about a message id, if any edit request for it arrived.
+    /// What the sandbox knows about a message id, if a send created it or any edit or delete
+    /// request named it.
     pub fn message(&self, message_id: &str) -> Option<MessageRecord> {
         self.shared.lock().message(message_id)
+    }
+
+    /// Every message id the sandbox has a record of (see [`Sandbox::message`]), in the order it
+    /// first saw them: a client's sends can be checked against what it meant to post.
+    pub fn messages(&self) -> Vec<MessageRecord> {
+        self.shared.lock().messages()
     }
 
     /// Figures for one account, including its arrival log, if it was seen or configured.
@@ -378,8 +455,8 @@ impl Sandbox {
         self.configure(|cfg| cfg.faults = faults);
     }
 
-    /// Queues scripted answers for the next edit requests of `message_id`, after any still
-    /// queued.
+    /// Queues scripted answers for the next edit and delete requests of `message_id`, after
+    /// any still queued.
     pub fn script(&self, message_id: &str, steps: Vec<Scripted>) {
         let mut state = self.shared.lock();
         state
@@ -389,7 +466,19 @@ impl Sandbox {
             .extend(steps);
     }
 
-    /// Answers the next `count` edit requests naming `account_id` that pass the daily and
+    /// Queues scripted answers for the next send requests whose body names `to_jid`, after any
+    /// still queued. A send has no message id before it is applied, so its script is keyed by
+    /// where it goes.
+    pub fn script_send(&self, to_jid: &str, steps: Vec<Scripted>) {
+        let mut state = self.shared.lock();
+        state
+            .send_scripts
+            .entry(to_jid.to_string())
+            .or_default()
+            .extend(steps);
+    }
+
+    /// Answers the next `count` requests (sends, edits and deletes) naming `account_id` that pass the daily and
     /// per-second checks with `answer` instead (after any injections still queued). They use
     /// quota like any request Zoom received, and random faults do not apply to them.
     pub fn inject_429(&self, account_id: &str, answer: Injected429, count: u32) {

@@ -3,16 +3,20 @@
 //! One `std::sync::Mutex` guards everything: every critical section is a few map lookups and
 //! counter bumps, never held across an `.await`, so a blocking mutex is cheaper than an async
 //! one and keeps the handle's accessors synchronous. This module owns the quota arithmetic
-//! (fixed windows, daily caps) and the in-flight counters behind the concurrency high-water
-//! marks; it does not decide the order of checks or build HTTP responses (see `http.rs`).
+//! (fixed windows, daily caps), the messages and what each call does to them, and the in-flight
+//! counters behind the concurrency high-water marks; it does not decide the order of checks or
+//! build HTTP responses (see `calls.rs`).
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use rand::distr::{Alphanumeric, SampleString};
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
+use time::macros::format_description;
 use time::{Date, OffsetDateTime};
 use tokio_util::sync::CancellationToken;
 
@@ -55,6 +59,13 @@ pub(crate) struct State {
     pub cfg: SandboxConfig,
     /// Decides faults; seeded so campaigns replay.
     pub rng: StdRng,
+    /// The random part of sent message ids; apart from `rng`, so sends do not shift which
+    /// request gets which fault.
+    id_rng: StdRng,
+    /// Sends applied so far; part of every new message id, which makes it unique.
+    sends_applied: u64,
+    /// Order in which message records were created, for [`State::messages`].
+    next_seq: u64,
     /// Live tokens and their expiry.
     pub tokens: HashMap<String, Instant>,
     /// Tokens in issue order, for `max_live_tokens`. May hold tokens already gone from `tokens`.
@@ -65,9 +76,13 @@ pub(crate) struct State {
     pub token_max_concurrent: u32,
     pub messages: HashMap<String, MessageState>,
     pub accounts: HashMap<String, AccountState>,
+    /// Scripts of edits and deletes, by message id.
     pub scripts: HashMap<String, VecDeque<Scripted>>,
+    /// Scripts of sends, by `to_jid`.
+    pub send_scripts: HashMap<String, VecDeque<Scripted>>,
     pub log: VecDeque<RequestRecord>,
     pub requests_total: u64,
+    pub by_op: BTreeMap<&'static str, u64>,
     pub by_status: BTreeMap<u16, u64>,
     pub resets: u64,
 }
@@ -75,6 +90,8 @@ pub(crate) struct State {
 pub(crate) struct MessageState {
     pub record: MessageRecord,
     pub in_flight: u32,
+    /// When the record was created, relative to the others.
+    seq: u64,
 }
 
 #[derive(Default)]
@@ -105,6 +122,9 @@ struct Limits {
 impl Shared {
     pub fn new(cfg: SandboxConfig, addr: SocketAddr, cancel: CancellationToken) -> Shared {
         let rng = StdRng::seed_from_u64(cfg.seed);
+        // Any fixed tweak of the seed will do (this is the golden ratio's): it only keeps the
+        // two streams from being the same numbers.
+        let id_rng = StdRng::seed_from_u64(cfg.seed ^ 0x9e37_79b9_7f4a_7c15);
         Shared {
             started: Instant::now(),
             addr,
@@ -112,6 +132,9 @@ impl Shared {
             inner: Mutex::new(State {
                 cfg,
                 rng,
+                id_rng,
+                sends_applied: 0,
+                next_seq: 0,
                 tokens: HashMap::new(),
                 token_order: VecDeque::new(),
                 token_requests: 0,
@@ -121,8 +144,10 @@ impl Shared {
                 messages: HashMap::new(),
                 accounts: HashMap::new(),
                 scripts: HashMap::new(),
+                send_scripts: HashMap::new(),
                 log: VecDeque::new(),
                 requests_total: 0,
+                by_op: BTreeMap::new(),
                 by_status: BTreeMap::new(),
                 resets: 0,
             }),
@@ -149,6 +174,11 @@ impl Shared {
         SandboxStats {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             requests_total: state.requests_total,
+            by_op: state
+                .by_op
+                .iter()
+                .map(|(op, count)| (op.to_string(), *count))
+                .collect(),
             by_status: state.by_status.clone(),
             resets: state.resets,
             token_requests: state.token_requests,
@@ -162,20 +192,7 @@ impl Shared {
     /// handler is cancelled because the client went away).
     pub fn enter_message(self: &Arc<Self>, message_id: &str) -> InFlight {
         let mut state = self.lock();
-        let message = state
-            .messages
-            .entry(message_id.to_string())
-            .or_insert_with(|| MessageState {
-                record: MessageRecord {
-                    message_id: message_id.to_string(),
-                    content: None,
-                    last_body: None,
-                    edits: 0,
-                    requests: 0,
-                    max_concurrent: 0,
-                },
-                in_flight: 0,
-            });
+        let message = state.record_of(message_id);
         message.in_flight += 1;
         message.record.requests += 1;
         message.record.max_concurrent = message.record.max_concurrent.max(message.in_flight);
@@ -222,6 +239,39 @@ impl Drop for InFlight {
 impl State {
     pub fn message(&self, message_id: &str) -> Option<MessageRecord> {
         self.messages.get(message_id).map(|m| m.record.clone())
+    }
+
+    /// Every message record, oldest first.
+    pub fn messages(&self) -> Vec<MessageRecord> {
+        let mut messages: Vec<&MessageState> = self.messages.values().collect();
+        messages.sort_by_key(|message| message.seq);
+        messages.into_iter().map(|m| m.record.clone()).collect()
+    }
+
+    /// The record of `message_id`, created blank (as a message sent before the sandbox
+    /// started) if there is none yet.
+    fn record_of(&mut self, message_id: &str) -> &mut MessageState {
+        match self.messages.entry(message_id.to_string()) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                entry.insert(MessageState {
+                    record: MessageRecord {
+                        message_id: message_id.to_string(),
+                        content: None,
+                        last_body: None,
+                        to_jid: None,
+                        edits: 0,
+                        deleted: false,
+                        requests: 0,
+                        max_concurrent: 0,
+                    },
+                    in_flight: 0,
+                    seq,
+                })
+            }
+        }
     }
 
     /// Figures for an account seen in a request or named in the configuration.
@@ -323,9 +373,10 @@ impl State {
         }
     }
 
-    /// Records the outcome of an edit request: log, status counters, account counters.
+    /// Records the outcome of a request of a message call: log, counters, account counters.
     pub fn finish(&mut self, record: RequestRecord) {
         self.requests_total += 1;
+        *self.by_op.entry(record.op).or_default() += 1;
         match record.status {
             Some(status) => *self.by_status.entry(status).or_default() += 1,
             None => self.resets += 1,
@@ -348,13 +399,81 @@ impl State {
         }
     }
 
+    /// Whether edits and deletes of `message_id` answer 404 code 8001: configured missing,
+    /// or deleted.
+    pub fn is_gone(&self, message_id: &str) -> bool {
+        let cfg = &self.cfg;
+        let missing_prefix = cfg.missing_prefix.as_deref().filter(|p| !p.is_empty());
+        cfg.missing_messages.contains(message_id)
+            || missing_prefix.is_some_and(|prefix| message_id.starts_with(prefix))
+            || self
+                .messages
+                .get(message_id)
+                .is_some_and(|message| message.record.deleted)
+    }
+
+    /// Creates the message of a successful send and returns its new id.
+    pub fn apply_send(&mut self, body: &serde_json::Value) -> String {
+        let message_id = loop {
+            let candidate = self.new_message_id();
+            // An edit may already have named any string; never hand out one in use.
+            if !self.messages.contains_key(&candidate) {
+                break candidate;
+            }
+        };
+        let message = self.record_of(&message_id);
+        message.record.content = body.get("content").cloned();
+        message.record.last_body = Some(body.clone());
+        message.record.to_jid = body
+            .get("to_jid")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string);
+        message_id
+    }
+
+    /// An opaque id in one of the two shapes of Zoom's examples, alternating so a client that
+    /// assumes either shape finds out: `20191017014024747_XYYRFjM_1` (time, random, count) and
+    /// `DWQ2A82E-9220-4600-AFB2-000000000002` (random groups, the count last). The count makes
+    /// it unique; the random part keeps a client from guessing it.
+    fn new_message_id(&mut self) -> String {
+        self.sends_applied += 1;
+        let count = self.sends_applied;
+        if count % 2 == 1 {
+            let time = OffsetDateTime::now_utc()
+                .format(format_description!(
+                    "[year][month][day][hour][minute][second][subsecond digits:3]"
+                ))
+                .unwrap_or_default();
+            let random = Alphanumeric.sample_string(&mut self.id_rng, 7);
+            format!("{time}_{random}_{count}")
+        } else {
+            let rng = &mut self.id_rng;
+            let (a, b, c, d): (u32, u16, u16, u16) =
+                (rng.random(), rng.random(), rng.random(), rng.random());
+            format!("{a:08X}-{b:04X}-{c:04X}-{d:04X}-{count:012X}")
+        }
+    }
+
     /// Applies a successful edit to the message.
     pub fn apply_edit(&mut self, message_id: &str, body: &serde_json::Value) {
-        if let Some(message) = self.messages.get_mut(message_id) {
-            message.record.content = body.get("content").cloned();
-            message.record.last_body = Some(body.clone());
-            message.record.edits += 1;
-        }
+        let message = self.record_of(message_id);
+        message.record.content = body.get("content").cloned();
+        message.record.last_body = Some(body.clone());
+        message.record.edits += 1;
+    }
+
+    /// Applies a successful delete: edits and deletes of the message now answer 404.
+    pub fn apply_delete(&mut self, message_id: &str) {
+        self.record_of(message_id).record.deleted = true;
+    }
+
+    /// The `to_jid` an edit or delete answer names: the one the message was sent to, or a
+    /// stand-in channel for a message sent before the sandbox started.
+    pub fn to_jid_of(&self, message_id: &str) -> String {
+        self.messages
+            .get(message_id)
+            .and_then(|message| message.record.to_jid.clone())
+            .unwrap_or_else(|| "sandbox-channel@conference.xmpp.zoom.us".to_string())
     }
 
     /// Issues a token, invalidating the oldest when more than `max_live_tokens` would be live.

@@ -13,16 +13,23 @@ use crate::plan::Plan;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MessageRecord {
     pub message_id: String,
-    /// `content` of the last successful edit.
+    /// `content` of the send that created it or of the last successful edit, whichever came
+    /// last. `None` for an id only ever deleted or refused.
     pub content: Option<serde_json::Value>,
-    /// Whole JSON body of the last successful edit.
+    /// Whole JSON body of the send that created it or of the last successful edit.
     pub last_body: Option<serde_json::Value>,
+    /// The `to_jid` of the send that created it; `None` for an id the sandbox took as sent
+    /// before it started (first named by an edit or delete).
+    pub to_jid: Option<String>,
     /// Successful edits.
     pub edits: u64,
-    /// Edit requests of any outcome.
+    /// Whether a delete succeeded; edits and deletes of it now answer 404 code 8001.
+    pub deleted: bool,
+    /// Edit and delete requests naming this id, of any outcome. The send that created it does
+    /// not name it, so it is not one of them.
     pub requests: u64,
-    /// Most edit requests for this message id ever in flight at the same time. A client that
-    /// serialises edits per message keeps this at 1.
+    /// Most edit and delete requests for this message id ever in flight at the same time. A
+    /// client that serialises the requests of each message keeps this at 1.
     pub max_concurrent: u32,
 }
 
@@ -85,11 +92,16 @@ impl AccountStats {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SandboxStats {
     pub uptime_ms: u64,
-    /// Edit requests received.
+    /// Requests of the three message calls (send, edit, delete) received; token requests are
+    /// counted apart.
     pub requests_total: u64,
-    /// Edit requests by the status they were answered with.
+    /// Requests of the three message calls by call: `"send"`, `"edit"`, `"delete"` (a call never
+    /// requested is absent).
+    pub by_op: BTreeMap<String, u64>,
+    /// Requests of the three message calls by the status they were answered with.
     pub by_status: BTreeMap<u16, u64>,
-    /// Edit requests answered by closing the connection.
+    /// Requests of the three message calls answered by closing the connection, whether before
+    /// or after applying them.
     pub resets: u64,
     pub token_requests: u64,
     pub tokens_issued: u64,
@@ -99,15 +111,18 @@ pub struct SandboxStats {
     pub accounts: BTreeMap<String, AccountStats>,
 }
 
-/// One edit request, as logged.
+/// One request of a message call, as logged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestRecord {
+    /// Which call: `"send"`, `"edit"` or `"delete"`.
+    pub op: &'static str,
     /// When it arrived.
     pub at: Instant,
     /// `at` as an offset from the sandbox's start (the fixed windows' origin).
     pub offset: Duration,
-    /// The body's `account_id`, when it had one.
+    /// The request's `account_id` (body of a send or edit, query of a delete), when it had one.
     pub account_id: Option<String>,
+    /// The id an edit or delete named; for a send, the id it created (`""` if it created none).
     pub message_id: String,
     /// The status answered; `None` when the connection was reset instead.
     pub status: Option<u16>,

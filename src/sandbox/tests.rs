@@ -1,5 +1,6 @@
 //! Injected 429s ([`Sandbox::inject_429`]) over real HTTP: they answer exactly the requests
-//! asked for, name the limit and carry the `Retry-After` asked for, and count like any request.
+//! asked for, whichever of the three calls they are, name the limit and carry the
+//! `Retry-After` asked for, and count like any request.
 
 use std::time::Duration;
 
@@ -78,4 +79,63 @@ async fn injected_429s_answer_the_next_requests_of_the_account() {
         "neither limit was reached"
     );
     assert_eq!(account.daily_used, 3);
+}
+
+/// The injections are the account's, not the edit call's: Zoom's quota is shared by send, edit
+/// and delete, and so is whatever refuses a request of it.
+#[tokio::test]
+async fn injected_429s_answer_sends_and_deletes_too() {
+    let sandbox = Sandbox::start(SandboxConfig::default())
+        .await
+        .expect("sandbox starts");
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let token: serde_json::Value = client
+        .post(format!(
+            "{}?grant_type=client_credentials",
+            sandbox.token_url()
+        ))
+        .basic_auth("sandbox-client", Some("sandbox-secret"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = token["access_token"].as_str().unwrap().to_string();
+    let qps = Injected429 {
+        limit: InjectedLimit::Qps,
+        retry_after: None,
+    };
+    sandbox.inject_429("acct", qps, 2);
+
+    let body = json!({
+        "robot_jid": "bot@xmpp.zoom.us", "to_jid": "chan@conference.xmpp.zoom.us",
+        "account_id": "acct", "content": {"head": {"text": "hi"}},
+    });
+    let send = || {
+        client
+            .post(format!("{}/im/chat/messages", sandbox.api_base()))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+    };
+    let delete = client
+        .delete(format!(
+            "{}/im/chat/messages/m1?account_id=acct&robot_jid=bot%40xmpp.zoom.us",
+            sandbox.api_base()
+        ))
+        .bearer_auth(&token)
+        .send();
+    assert_eq!(send().await.unwrap().status(), 429);
+    assert_eq!(delete.await.unwrap().status(), 429);
+    assert_eq!(send().await.unwrap().status(), 201);
+
+    assert_eq!(
+        sandbox.messages().len(),
+        2,
+        "m1, not deleted, and the sent one"
+    );
+    assert!(!sandbox.message("m1").unwrap().deleted);
+    let account = sandbox.account("acct").unwrap();
+    assert_eq!((account.rate_limited, account.successes), (2, 1));
 }

@@ -22,6 +22,7 @@ async fn everything_converges_under_zoom_faults() {
             spurious_429: 0.05,
             spurious_429_retry_after: Some(RetryAfterForm::Seconds),
             spurious_429_delay: Duration::from_secs(1),
+            ..Faults::default()
         },
         default_plan: zoomq::plan::Plan::Business,
         seed: 7,
