@@ -1,20 +1,32 @@
 //! The Zoom API client: the only module that knows Zoom's URLs, the access token and what
-//! Zoom's answers mean. [`ZoomClient::edit`] sends one edit and classifies the answer into an
-//! [`Outcome`].
+//! Zoom's answers mean. It makes Zoom's three chatbot message calls, each one request whose
+//! answer is classified into an [`Outcome`]:
+//! - [`ZoomClient::send_message`] posts a new message and names it ([`Sent`]);
+//! - [`ZoomClient::edit`] replaces a message's content (idempotent);
+//! - [`ZoomClient::delete`] removes a message (Zoom answers 404/8001 when it is already gone).
 //!
-//! It deliberately does not retry (apart from repeating an edit once after Zoom refuses the
-//! token), pace requests or count 429s: the worker owns those decisions and the retry policy
-//! decides how long to wait. Code map:
-//! - `mod.rs`: settings, the client, the edit request and its metrics.
+//! The three share the token, the per-account quota, the answer classification and the
+//! metrics; they differ only in method, URL and body. A send is not idempotent: Zoom has no
+//! idempotency key, so [`Outcome::Transient`] says whether a failed request may have been
+//! applied anyway (`in_doubt`).
+//!
+//! It deliberately does not retry (apart from repeating a request once after Zoom refuses the
+//! token, which Zoom did not act on), pace requests or count 429s: the worker owns those
+//! decisions and the retry policy decides how long to wait. Code map:
+//! - `mod.rs`: settings, the client, the three calls' requests and their metrics.
 //! - `token.rs`: the access-token cache (single flight, refresh ahead, backoff).
 //! - `reply.rs`: answer classification, error bodies, rate-limit headers, `Retry-After`.
-//! - `fake.rs` and `tests.rs` (tests only): a scripted fake Zoom and the loopback tests.
+//! - `fake.rs`, `tests.rs` and `tests_lifecycle.rs` (tests only): a scripted fake Zoom and the
+//!   loopback tests (the edit's answer classes and the token in `tests.rs`; send, delete and
+//!   `in_doubt` in `tests_lifecycle.rs`).
 
 #[cfg(test)]
 mod fake;
 mod reply;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_lifecycle;
 mod token;
 
 use std::error::Error as _;
@@ -24,6 +36,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use reqwest::header::{ACCEPT, CONTENT_TYPE};
+use reqwest::{Method, Url};
 
 pub use reply::parse_retry_after;
 
@@ -43,7 +56,7 @@ pub struct ZoomSettings {
     pub client_id: String,
     pub client_secret: Secret,
     pub connect_timeout: Duration,
-    /// Whole-request limit (connect, send, answer and body), for edits and token requests.
+    /// Whole-request limit (connect, send, answer and body), for every call and token request.
     pub request_timeout: Duration,
 }
 
@@ -70,12 +83,14 @@ pub enum LimitKind {
     Daily,
 }
 
-/// How one edit went, as far as the caller's decisions go.
+/// How one call (send, edit or delete) went, as far as the caller's decisions go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Zoom accepted the edit (any 2xx, with or without a body).
-    Delivered { status: u16 },
-    /// 429. `retry_after` is already clamped to at most two days ahead.
+    /// Zoom accepted the request (any 2xx; for an edit or a delete with or without a body).
+    /// `sent` names the new message after a send, and is `None` after an edit or a delete.
+    Delivered { status: u16, sent: Option<Sent> },
+    /// 429: Zoom did not apply the request. `retry_after` is already clamped to at most two
+    /// days ahead.
     RateLimited {
         kind: LimitKind,
         retry_after: Option<SystemTime>,
@@ -83,17 +98,73 @@ pub enum Outcome {
     },
     /// Worth retrying later: 5xx, 408, a timeout, a transport error (`status: None`), a token
     /// refused twice in a row, or an unexpected 3xx.
-    Transient { status: Option<u16>, detail: String },
-    /// Zoom refused this edit for good (4xx other than 401, 408 and 429). `status` is 0 when
-    /// the edit was refused locally without a request (a `message_id` that cannot be a path
-    /// segment: empty, `.` or `..`).
+    ///
+    /// `in_doubt` says whether Zoom may have applied the request anyway. Only a send cares (an
+    /// edit or a delete repeated is harmless, a send repeated posts the message twice), but it
+    /// is computed for every call:
+    /// - `true` when the request may have reached Zoom and only the answer was lost: a timeout
+    ///   or a transport error once the connection was made (a reset, a broken pipe, a
+    ///   connection closed before the whole answer), and HTTP 500, 502, 504 and every other
+    ///   5xx but 503. A whole-request timeout that fires while still connecting also counts:
+    ///   it cannot be told apart.
+    /// - `false` when nothing was applied: a connection that could not be made, before any
+    ///   byte of the request was written (including a connect timeout), HTTP 503 (not
+    ///   serving), 408 (the server gave up waiting for the request), an unexpected 3xx (a
+    ///   redirect, not followed) and a token refused twice (Zoom refused the request itself).
+    Transient {
+        status: Option<u16>,
+        detail: String,
+        in_doubt: bool,
+    },
+    /// Zoom refused this request for good (4xx other than 401, 408 and 429). `status` is 0
+    /// when the request was refused locally without being made (a `message_id` that cannot be
+    /// a path segment: empty, `.` or `..`). A 2xx to a send without a readable `message_id` is
+    /// also rejected (`code: None`): the message was posted but cannot be named, and a retry
+    /// would post it twice.
     Rejected {
         status: u16,
         code: Option<i64>,
         message: String,
     },
-    /// No access token could be obtained; the edit was not sent and is not at fault.
+    /// No access token could be obtained; the request was not made and is not at fault.
     NoToken { detail: String },
+}
+
+/// The message a send posted, as Zoom named it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    /// Opaque; what edits and deletes of this message name.
+    pub message_id: String,
+    /// As Zoom wrote it (e.g. `2019-10-17 01:40:24`), when it did; not parsed.
+    pub sent_time: Option<String>,
+}
+
+/// Zoom's three chatbot message calls. They share the token, the quota and the
+/// classification, and differ in method, URL and body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Send,
+    Edit,
+    Delete,
+}
+
+impl Call {
+    /// As the logs name it.
+    fn name(self) -> &'static str {
+        match self {
+            Call::Send => "send",
+            Call::Edit => "edit",
+            Call::Delete => "delete",
+        }
+    }
+
+    fn method(self) -> Method {
+        match self {
+            Call::Send => Method::POST,
+            Call::Edit => Method::PUT,
+            Call::Delete => Method::DELETE,
+        }
+    }
 }
 
 /// Why a client could not be built.
@@ -113,8 +184,8 @@ pub struct ZoomClient {
 
 struct Inner {
     http: reqwest::Client,
-    /// `{api_base}/im/chat/messages/`, ready for an encoded message id.
-    messages_url: String,
+    /// `{api_base}/im/chat/messages`: where sends go, and the parent of every message's URL.
+    messages_url: Url,
     token_url: String,
     client_id: String,
     tokens: TokenCache,
@@ -147,6 +218,13 @@ impl ZoomClient {
         backoff: Backoff,
     ) -> Result<ZoomClient, Error> {
         parse_http_url("api_base", &settings.api_base)?;
+        let messages_url = parse_http_url(
+            "api_base",
+            &format!(
+                "{}/im/chat/messages",
+                settings.api_base.trim_end_matches('/')
+            ),
+        )?;
         let mut token_url = parse_http_url("token_url", &settings.token_url)?;
         token_url
             .query_pairs_mut()
@@ -172,10 +250,7 @@ impl ZoomClient {
         Ok(ZoomClient {
             inner: Arc::new(Inner {
                 http,
-                messages_url: format!(
-                    "{}/im/chat/messages/",
-                    settings.api_base.trim_end_matches('/')
-                ),
+                messages_url,
                 token_url: settings.token_url,
                 client_id: settings.client_id,
                 tokens,
@@ -202,30 +277,83 @@ impl ZoomClient {
         self.inner.tokens.get().await.map(|_| ())
     }
 
+    /// Posts one new message. `body` is Zoom's JSON request body, already serialized
+    /// (robot_jid, to_jid, account_id, content, ...). A 2xx names the message in
+    /// [`Outcome::Delivered`]'s `sent`. Not idempotent: see `in_doubt` at
+    /// [`Outcome::Transient`] before repeating one.
+    pub async fn send_message(&self, body: &[u8]) -> Outcome {
+        self.request(Call::Send, self.inner.messages_url.clone(), Some(body))
+            .await
+    }
+
     /// Sends one edit. `body` is Zoom's JSON request body, already serialized (robot_jid,
     /// account_id, content, ...). If Zoom refuses the token, the edit is repeated once with a
     /// fresh one; a second refusal is [`Outcome::Transient`].
     pub async fn edit(&self, message_id: &str, body: &[u8]) -> Outcome {
+        match self.message_url(message_id) {
+            Ok(url) => self.request(Call::Edit, url, Some(body)).await,
+            Err(refused) => refused,
+        }
+    }
+
+    /// Deletes one message; `user_jid` is sent only when given. Zoom answers 404 with code 8001
+    /// for a message that is already gone: that stays [`Outcome::Rejected`], for the caller to
+    /// read as done.
+    pub async fn delete(
+        &self,
+        message_id: &str,
+        account_id: &str,
+        robot_jid: &str,
+        user_jid: Option<&str>,
+    ) -> Outcome {
+        let mut url = match self.message_url(message_id) {
+            Ok(url) => url,
+            Err(refused) => return refused,
+        };
+        {
+            let mut query = url.query_pairs_mut();
+            query
+                .append_pair("account_id", account_id)
+                .append_pair("robot_jid", robot_jid);
+            if let Some(user_jid) = user_jid {
+                query.append_pair("user_jid", user_jid);
+            }
+        }
+        self.request(Call::Delete, url, None).await
+    }
+
+    /// `{api_base}/im/chat/messages/{message_id}`, or the refusal of an id no URL can carry.
+    fn message_url(&self, message_id: &str) -> Result<Url, Outcome> {
+        let refused = |why: String| Outcome::Rejected {
+            status: 0,
+            code: None,
+            message: format!("message_id {message_id:?} {why}"),
+        };
         if matches!(message_id, "" | "." | "..") {
             // URL parsers resolve these as dot segments, so no URL can carry them.
-            return Outcome::Rejected {
-                status: 0,
-                code: None,
-                message: format!("message_id {message_id:?} cannot be a URL path segment"),
-            };
+            return Err(refused("cannot be a URL path segment".into()));
         }
+        // Concatenated rather than pushed with `path_segments_mut`, which would leave `:`, `@`,
+        // `+` and the other sub-delimiters as they are; the parser keeps `%XX` unchanged.
         let url = format!(
-            "{}{}",
+            "{}/{}",
             self.inner.messages_url,
             utf8_percent_encode(message_id, SEGMENT)
         );
+        Url::parse(&url).map_err(|error| refused(format!("gives no valid URL: {error}")))
+    }
+
+    /// One call: a token lease, the request, and one repeat with a fresh token if Zoom refuses
+    /// the first (a refused token means Zoom did not act on the request, so even a send may be
+    /// repeated).
+    async fn request(&self, call: Call, url: Url, body: Option<&[u8]>) -> Outcome {
         let mut lease = match self.inner.tokens.get().await {
             Ok(lease) => lease,
             Err(detail) => return Outcome::NoToken { detail },
         };
         let mut refused_before = false;
         loop {
-            match self.send(&url, &lease, body).await {
+            match self.attempt(call, &url, &lease, body).await {
                 Answer::Outcome(outcome) => return outcome,
                 Answer::BadToken { status, detail } => {
                     self.inner.tokens.invalidate(lease.generation);
@@ -233,6 +361,7 @@ impl ZoomClient {
                         return Outcome::Transient {
                             status: Some(status),
                             detail: format!("Zoom refused a fresh access token too: {detail}"),
+                            in_doubt: false,
                         };
                     }
                     refused_before = true;
@@ -245,32 +374,43 @@ impl ZoomClient {
         }
     }
 
-    /// One PUT, with its metrics.
-    async fn send(&self, url: &str, lease: &TokenLease, body: &[u8]) -> Answer {
+    /// One HTTP request, with its metrics. `body` is JSON; a delete has none.
+    async fn attempt(
+        &self,
+        call: Call,
+        url: &Url,
+        lease: &TokenLease,
+        body: Option<&[u8]>,
+    ) -> Answer {
         let metrics = &self.inner.metrics;
         let started = Instant::now();
-        let sent = self
+        let mut request = self
             .inner
             .http
-            .put(url)
+            .request(call.method(), url.clone())
             .bearer_auth(lease.secret.expose())
-            .header(CONTENT_TYPE, "application/json")
-            .header(ACCEPT, "application/json")
-            .body(body.to_vec())
-            .send()
-            .await;
-        let mut response = match sent {
+            .header(ACCEPT, "application/json");
+        if let Some(body) = body {
+            request = request
+                .header(CONTENT_TYPE, "application/json")
+                .body(body.to_vec());
+        }
+        let mut response = match request.send().await {
             Ok(response) => response,
             Err(error) => {
                 metrics
                     .zoom_request_duration
                     .observe(started.elapsed().as_secs_f64());
                 metrics.zoom_responses.with_label_values(&["network"]).inc();
+                // Before a connection exists (or a request is even built) nothing can have
+                // been written; any later failure may have lost only the answer.
+                let in_doubt = !(error.is_connect() || error.is_builder());
                 let detail = describe(&error);
-                tracing::debug!(%detail, "edit request failed");
+                tracing::debug!(call = call.name(), %detail, in_doubt, "Zoom request failed");
                 return Answer::Outcome(Outcome::Transient {
                     status: None,
                     detail,
+                    in_doubt,
                 });
             }
         };
@@ -281,8 +421,19 @@ impl ZoomClient {
             .observe(started.elapsed().as_secs_f64());
         let class = format!("{}xx", status.as_u16() / 100);
         metrics.zoom_responses.with_label_values(&[&class]).inc();
-        let answer = reply::classify(status, response.headers(), &answer_body, SystemTime::now());
-        tracing::debug!(status = status.as_u16(), ?answer, "edit answered");
+        let answer = reply::classify(
+            call,
+            status,
+            response.headers(),
+            &answer_body,
+            SystemTime::now(),
+        );
+        tracing::debug!(
+            call = call.name(),
+            status = status.as_u16(),
+            ?answer,
+            "Zoom answered"
+        );
         answer
     }
 }
@@ -290,7 +441,7 @@ impl ZoomClient {
 impl fmt::Debug for ZoomClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ZoomClient")
-            .field("messages_url", &self.inner.messages_url)
+            .field("messages_url", &self.inner.messages_url.as_str())
             .field("token_url", &self.inner.token_url)
             .field("client_id", &self.inner.client_id)
             .finish_non_exhaustive()

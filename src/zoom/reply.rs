@@ -12,7 +12,7 @@ use time::format_description::well_known::{Iso8601, Rfc3339};
 use time::macros::format_description;
 use time::{OffsetDateTime, PrimitiveDateTime};
 
-use super::{LimitKind, Outcome};
+use super::{Call, LimitKind, Outcome, Sent};
 
 /// Most bytes of an answer body kept; a hostile or broken server cannot make us buffer more.
 pub(super) const MAX_BODY: usize = 64 * 1024;
@@ -75,8 +75,10 @@ pub(super) enum Answer {
     BadToken { status: u16, detail: String },
 }
 
-/// Classifies an answer to an edit request by status, headers and (capped) body.
+/// Classifies an answer to one call by status, headers and (capped) body. Only a send's 2xx
+/// reads the body for more than an explanation.
 pub(super) fn classify(
+    call: Call,
     status: StatusCode,
     headers: &HeaderMap,
     body: &[u8],
@@ -84,7 +86,13 @@ pub(super) fn classify(
 ) -> Answer {
     let code = status.as_u16();
     if status.is_success() {
-        return Answer::Outcome(Outcome::Delivered { status: code });
+        return Answer::Outcome(match call {
+            Call::Send => sent(code, body),
+            Call::Edit | Call::Delete => Outcome::Delivered {
+                status: code,
+                sent: None,
+            },
+        });
     }
     if status == StatusCode::TOO_MANY_REQUESTS {
         // The message text varies and is not parsed; only the documented headers count.
@@ -123,7 +131,7 @@ pub(super) fn classify(
         });
     }
     // 408, 5xx, and what Zoom never sends (3xx: redirects are not followed, so a proxy or a
-    // wrong `api_base` shows up here): transient, so edits wait for an operator instead of
+    // wrong `api_base` shows up here): transient, so requests wait for an operator instead of
     // being dropped.
     let detail = match header(headers, "location") {
         Some(location) if status.is_redirection() => {
@@ -137,7 +145,54 @@ pub(super) fn classify(
     Answer::Outcome(Outcome::Transient {
         status: Some(code),
         detail,
+        in_doubt: may_be_applied(status),
     })
+}
+
+/// Whether a transient status leaves open that Zoom applied the request. 503 means "not
+/// serving" and 408 that the request never arrived whole; a 3xx came from something in front
+/// of Zoom (redirects are not followed). Any other 5xx may come after the work was done, or
+/// from a gateway that lost Zoom's answer (502, 504); a nonstandard status is given the same
+/// benefit of the doubt, since guessing "not applied" wrongly is what duplicates a message.
+fn may_be_applied(status: StatusCode) -> bool {
+    !(status == StatusCode::SERVICE_UNAVAILABLE
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status.is_redirection())
+}
+
+/// A send's 2xx: the posted message's name, or a rejection when the body does not name it
+/// (empty, cut off at [`MAX_BODY`], not JSON, no non-empty `message_id` string). Such a
+/// message can never be edited or deleted, and a retry would post it twice, so it is refused
+/// for good.
+fn sent(status: u16, body: &[u8]) -> Outcome {
+    let fields: Option<Value> = serde_json::from_slice(body).ok();
+    let text = |key: &str| {
+        fields
+            .as_ref()
+            .and_then(|fields| fields.get(key))
+            .and_then(Value::as_str)
+    };
+    match text("message_id") {
+        Some(message_id) if !message_id.is_empty() => Outcome::Delivered {
+            status,
+            sent: Some(Sent {
+                message_id: message_id.to_string(),
+                sent_time: text("sent_time").map(str::to_string),
+            }),
+        },
+        _ => {
+            let quoted = if body.is_empty() {
+                "(no body)".to_string()
+            } else {
+                excerpt(body)
+            };
+            Outcome::Rejected {
+                status,
+                code: None,
+                message: format!("Zoom answered {status} to a send without a message_id: {quoted}"),
+            }
+        }
+    }
 }
 
 fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
@@ -397,6 +452,7 @@ mod tests {
         let none = HeaderMap::new();
         let outcome = |status: u16, body: &str| {
             classify(
+                Call::Edit,
                 StatusCode::from_u16(status).unwrap(),
                 &none,
                 body.as_bytes(),
@@ -405,7 +461,10 @@ mod tests {
         };
         assert_eq!(
             outcome(204, ""),
-            Answer::Outcome(Outcome::Delivered { status: 204 })
+            Answer::Outcome(Outcome::Delivered {
+                status: 204,
+                sent: None
+            })
         );
         assert!(matches!(
             outcome(401, ""),
@@ -419,6 +478,7 @@ mod tests {
             outcome(500, r#"{"code":124}"#),
             Answer::Outcome(Outcome::Transient {
                 status: Some(500),
+                in_doubt: true,
                 ..
             })
         ));
@@ -434,6 +494,7 @@ mod tests {
             outcome(408, ""),
             Answer::Outcome(Outcome::Transient {
                 status: Some(408),
+                in_doubt: false,
                 ..
             })
         ));
@@ -442,8 +503,17 @@ mod tests {
             "location",
             HeaderValue::from_static("https://example.com/v2"),
         );
-        let Answer::Outcome(Outcome::Transient { detail, .. }) =
-            classify(StatusCode::MOVED_PERMANENTLY, &redirect, b"", now)
+        let Answer::Outcome(Outcome::Transient {
+            detail,
+            in_doubt: false,
+            ..
+        }) = classify(
+            Call::Edit,
+            StatusCode::MOVED_PERMANENTLY,
+            &redirect,
+            b"",
+            now,
+        )
         else {
             panic!("a redirect is transient");
         };
@@ -464,7 +534,13 @@ mod tests {
             HeaderValue::from_static("2020-05-31T00:00:00Z"),
         );
         assert_eq!(
-            classify(StatusCode::TOO_MANY_REQUESTS, &headers, b"{}", now),
+            classify(
+                Call::Send,
+                StatusCode::TOO_MANY_REQUESTS,
+                &headers,
+                b"{}",
+                now
+            ),
             Answer::Outcome(Outcome::RateLimited {
                 kind: LimitKind::Daily,
                 retry_after: Some(at(NOW + 120)),
@@ -472,12 +548,74 @@ mod tests {
             })
         );
         assert_eq!(
-            classify(StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new(), b"", now),
+            classify(
+                Call::Send,
+                StatusCode::TOO_MANY_REQUESTS,
+                &HeaderMap::new(),
+                b"",
+                now
+            ),
             Answer::Outcome(Outcome::RateLimited {
                 kind: LimitKind::Qps,
                 retry_after: None,
                 limit: None
             })
         );
+    }
+
+    #[test]
+    fn in_doubt_by_status() {
+        for (status, in_doubt) in [
+            (500, true),
+            (502, true),
+            (504, true),
+            (507, true),
+            (503, false),
+            (408, false),
+            (307, false),
+        ] {
+            let answer = classify(
+                Call::Send,
+                StatusCode::from_u16(status).unwrap(),
+                &HeaderMap::new(),
+                b"",
+                at(NOW),
+            );
+            assert!(
+                matches!(answer, Answer::Outcome(Outcome::Transient { in_doubt: d, .. }) if d == in_doubt),
+                "{status}: {answer:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn sends_are_named_by_their_answer() {
+        assert_eq!(
+            sent(200, br#"{"message_id":"m-1"}"#),
+            Outcome::Delivered {
+                status: 200,
+                sent: Some(Sent {
+                    message_id: "m-1".into(),
+                    sent_time: None
+                })
+            }
+        );
+        let unnamed = [
+            (&b""[..], "(no body)"),
+            (br#"{"message_id":""}"#, r#"{"message_id":""}"#),
+            (br#"{"message_id":42}"#, r#"{"message_id":42}"#),
+            (br#"{"message_id":"m-1""#, r#"{"message_id":"m-1""#),
+            (b"<html>Created</html>", "<html>Created</html>"),
+        ];
+        for (body, quoted) in unnamed {
+            assert_eq!(
+                sent(201, body),
+                Outcome::Rejected {
+                    status: 201,
+                    code: None,
+                    message: format!("Zoom answered 201 to a send without a message_id: {quoted}")
+                }
+            );
+        }
     }
 }

@@ -1,6 +1,7 @@
-//! Loopback tests of [`ZoomClient`] against the scripted fake Zoom of `fake.rs`: one test per
-//! answer class, rate-limit headers, the token's caching, refresh, single flight, 401 handling
-//! and backoff, and message-id encoding. No test sleeps longer than about 1 s.
+//! Loopback tests of [`ZoomClient`] against the scripted fake Zoom of `fake.rs`, through edits:
+//! one test per answer class, rate-limit headers, the token's caching, refresh, single flight,
+//! 401 handling and backoff, and message-id encoding. Sends, deletes and `in_doubt` are in
+//! `tests_lifecycle.rs`. No test sleeps longer than about 1 s.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,10 +14,22 @@ use super::*;
 async fn delivered_with_and_without_body() {
     let rig = rig().await;
     rig.fake
-        .script_edits([reply(200, r#"{"message_id":"msg-1"}"#), reply(204, "")]);
-    assert_eq!(rig.edit().await, Outcome::Delivered { status: 200 });
-    assert_eq!(rig.edit().await, Outcome::Delivered { status: 204 });
-    let seen = &rig.fake.edits()[0];
+        .script([reply(200, r#"{"message_id":"msg-1"}"#), reply(204, "")]);
+    assert_eq!(
+        rig.edit().await,
+        Outcome::Delivered {
+            status: 200,
+            sent: None
+        }
+    );
+    assert_eq!(
+        rig.edit().await,
+        Outcome::Delivered {
+            status: 204,
+            sent: None
+        }
+    );
+    let seen = &rig.fake.calls()[0];
     assert_eq!(seen.path, "/v2/im/chat/messages/msg-1");
     assert_eq!(seen.headers["authorization"], "Bearer tok-1");
     assert_eq!(seen.headers["content-type"], "application/json");
@@ -35,7 +48,7 @@ async fn delivered_with_and_without_body() {
 #[tokio::test]
 async fn client_errors_are_rejected_with_code_and_message() {
     let rig = rig().await;
-    rig.fake.script_edits([
+    rig.fake.script([
         reply(400, r#"{"code":7001,"message":"Invalid request body."}"#),
         reply(
             403,
@@ -80,20 +93,21 @@ async fn client_errors_are_rejected_with_code_and_message() {
 #[tokio::test]
 async fn server_errors_and_408_are_transient() {
     let rig = rig().await;
-    rig.fake.script_edits([
+    rig.fake.script([
         reply(500, r#"{"code":500,"message":"Internal error"}"#),
         reply(503, "upstream unavailable"),
         reply(408, ""),
     ]);
-    for status in [500, 503, 408] {
+    for (status, in_doubt) in [(500, true), (503, false), (408, false)] {
         let Outcome::Transient {
             status: Some(seen),
             detail,
+            in_doubt: seen_in_doubt,
         } = rig.edit().await
         else {
             panic!("{status} is transient");
         };
-        assert_eq!(seen, status);
+        assert_eq!((seen, seen_in_doubt), (status, in_doubt));
         assert!(detail.contains(&status.to_string()), "{detail}");
     }
     assert_eq!(rig.responses("5xx"), 2);
@@ -109,9 +123,10 @@ async fn connection_refused_is_transient() {
     let Outcome::Transient {
         status: None,
         detail,
+        in_doubt: false,
     } = rig.edit().await
     else {
-        panic!("a refused connection is transient");
+        panic!("a refused connection is transient, and was never applied");
     };
     assert!(detail.starts_with("cannot connect"), "{detail}");
     assert_eq!(rig.responses("network"), 1);
@@ -122,14 +137,15 @@ async fn timeout_is_transient() {
     let rig = rig_with(|settings| settings.request_timeout = Duration::from_millis(300)).await;
     rig.edit().await; // Fetch the token outside the timed part.
     rig.fake
-        .script_edits([reply(200, "").after(Duration::from_secs(3))]);
+        .script([reply(200, "").after(Duration::from_secs(3))]);
     let started = std::time::Instant::now();
     let Outcome::Transient {
         status: None,
         detail,
+        in_doubt: true,
     } = rig.edit().await
     else {
-        panic!("a timeout is transient");
+        panic!("a timeout is transient, and may have been applied");
     };
     assert!(detail.starts_with("timed out"), "{detail}");
     assert!(started.elapsed() < Duration::from_secs(2));
@@ -144,7 +160,7 @@ async fn rate_limits_by_type_with_retry_after_in_every_form() {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
     let body = r#"{"code":429,"message":"You have reached the maximum per-second rate limit for this API. Try again later."}"#;
-    rig.fake.script_edits([
+    rig.fake.script([
         reply(429, body)
             .header("X-RateLimit-Type", "QPS")
             .header("X-RateLimit-Limit", "20")
@@ -206,7 +222,13 @@ async fn rate_limits_by_type_with_retry_after_in_every_form() {
 async fn token_is_cached_across_edits() {
     let rig = rig().await;
     for _ in 0..10 {
-        assert_eq!(rig.edit().await, Outcome::Delivered { status: 200 });
+        assert_eq!(
+            rig.edit().await,
+            Outcome::Delivered {
+                status: 200,
+                sent: None
+            }
+        );
     }
     assert_eq!(rig.fake.token_requests(), 1);
     assert!(rig.fake.bearers().iter().all(|b| b == "Bearer tok-1"));
@@ -236,7 +258,13 @@ async fn failed_refresh_keeps_using_the_valid_token() {
     rig.edit().await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     rig.fake.script_tokens([reply(503, "maintenance")]);
-    assert_eq!(rig.edit().await, Outcome::Delivered { status: 200 });
+    assert_eq!(
+        rig.edit().await,
+        Outcome::Delivered {
+            status: 200,
+            sent: None
+        }
+    );
     assert_eq!(rig.fake.token_requests(), 2);
     assert_eq!(rig.fake.bearers(), ["Bearer tok-1", "Bearer tok-1"]);
     assert!(rig.health.token_error().unwrap().contains("503"));
@@ -252,7 +280,13 @@ async fn token_requests_are_single_flight() {
         tokio::spawn(async move { client.edit(&format!("msg-{i}"), EDIT_BODY).await })
     });
     for edit in edits.collect::<Vec<_>>() {
-        assert_eq!(edit.await.unwrap(), Outcome::Delivered { status: 200 });
+        assert_eq!(
+            edit.await.unwrap(),
+            Outcome::Delivered {
+                status: 200,
+                sent: None
+            }
+        );
     }
     assert_eq!(rig.fake.token_requests(), 1);
     assert_eq!(rig.fake.max_tokens_in_flight.load(Ordering::SeqCst), 1);
@@ -261,15 +295,27 @@ async fn token_requests_are_single_flight() {
 #[tokio::test]
 async fn refused_token_is_replaced_once() {
     let rig = rig().await;
-    rig.fake.script_edits([
+    rig.fake.script([
         reply(401, r#"{"code":124,"message":"Invalid access token."}"#),
         reply(200, ""),
         // A token code under another 4xx status means the same.
         reply(400, r#"{"code":7010,"message":"Invalid token."}"#),
         reply(204, ""),
     ]);
-    assert_eq!(rig.edit().await, Outcome::Delivered { status: 200 });
-    assert_eq!(rig.edit().await, Outcome::Delivered { status: 204 });
+    assert_eq!(
+        rig.edit().await,
+        Outcome::Delivered {
+            status: 200,
+            sent: None
+        }
+    );
+    assert_eq!(
+        rig.edit().await,
+        Outcome::Delivered {
+            status: 204,
+            sent: None
+        }
+    );
     assert_eq!(rig.fake.token_requests(), 3);
     assert_eq!(
         rig.fake.bearers(),
@@ -285,20 +331,21 @@ async fn refused_token_is_replaced_once() {
 #[tokio::test]
 async fn second_refusal_is_transient() {
     let rig = rig().await;
-    rig.fake.script_edits([
+    rig.fake.script([
         reply(401, ""),
         reply(401, r#"{"code":124,"message":"Invalid access token."}"#),
     ]);
     let Outcome::Transient {
         status: Some(401),
         detail,
+        in_doubt: false,
     } = rig.edit().await
     else {
-        panic!("two 401s in a row are transient");
+        panic!("two 401s in a row are transient, and were never applied");
     };
     assert!(!detail.contains("tok-"), "{detail}");
     assert_eq!(rig.fake.token_requests(), 2);
-    assert_eq!(rig.fake.edits().len(), 2);
+    assert_eq!(rig.fake.calls().len(), 2);
 }
 
 #[tokio::test]
@@ -333,7 +380,7 @@ async fn bad_credentials_give_no_token_and_back_off() {
     // During the backoff no request is made.
     assert!(matches!(rig.edit().await, Outcome::NoToken { .. }));
     assert_eq!(rig.fake.token_requests(), 1);
-    assert!(rig.fake.edits().is_empty());
+    assert!(rig.fake.calls().is_empty());
     let health = rig.health.token_error().expect("a health error");
     assert!(
         health.contains("invalid_client") && !health.contains(SECRET),
@@ -348,7 +395,13 @@ async fn bad_credentials_give_no_token_and_back_off() {
     assert!(matches!(rig.edit().await, Outcome::NoToken { .. }));
     assert_eq!(rig.fake.token_requests(), 2);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(rig.edit().await, Outcome::Delivered { status: 200 });
+    assert_eq!(
+        rig.edit().await,
+        Outcome::Delivered {
+            status: 200,
+            sent: None
+        }
+    );
     assert_eq!(rig.fake.token_requests(), 3);
     assert_eq!(rig.health.token_error(), None);
     assert_eq!(rig.metrics.token_valid.get(), 1);
@@ -362,7 +415,7 @@ async fn token_endpoint_down_gives_no_token() {
         panic!("a failing token endpoint gives NoToken");
     };
     assert!(detail.contains("502"), "{detail}");
-    assert!(rig.fake.edits().is_empty());
+    assert!(rig.fake.calls().is_empty());
 }
 
 #[tokio::test]
@@ -370,10 +423,13 @@ async fn message_id_is_one_path_segment() {
     let rig = rig().await;
     assert_eq!(
         rig.client.edit("a/b c?d#e%f ü", EDIT_BODY).await,
-        Outcome::Delivered { status: 200 }
+        Outcome::Delivered {
+            status: 200,
+            sent: None
+        }
     );
     assert_eq!(
-        rig.fake.edits()[0].path,
+        rig.fake.calls()[0].path,
         "/v2/im/chat/messages/a%2Fb%20c%3Fd%23e%25f%20%C3%BC"
     );
     for dots in ["", ".", ".."] {
@@ -382,7 +438,7 @@ async fn message_id_is_one_path_segment() {
             Outcome::Rejected { status: 0, .. }
         ));
     }
-    assert_eq!(rig.fake.edits().len(), 1);
+    assert_eq!(rig.fake.calls().len(), 1);
 }
 
 #[tokio::test]
