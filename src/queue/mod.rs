@@ -546,6 +546,8 @@ pub async fn wait(commit: Commit) -> Result<(), String> {
 #[cfg(test)]
 mod ledger_tests;
 #[cfg(test)]
+mod lifecycle_tests;
+#[cfg(test)]
 mod model_tests;
 #[cfg(test)]
 mod tests;

@@ -15,7 +15,7 @@ fn edit(message: &str, account: &str, text: &str) -> Edit {
 }
 
 /// The storage configuration of these tests: a small cache in `dir`.
-fn config(dir: &std::path::Path) -> StorageConfig {
+pub(super) fn config(dir: &std::path::Path) -> StorageConfig {
     StorageConfig {
         path: dir.to_path_buf(),
         cache_capacity: 8 * 1024 * 1024,
@@ -24,7 +24,7 @@ fn config(dir: &std::path::Path) -> StorageConfig {
 }
 
 /// Commits everything and lets go of the database, as a stop does.
-async fn close(queue: Queue) {
+pub(super) async fn close(queue: Queue) {
     tokio::task::spawn_blocking(move || queue.close())
         .await
         .unwrap();
@@ -40,7 +40,9 @@ fn rejected() -> DeadInfo {
     }
 }
 
-async fn open(dir: &std::path::Path) -> (Queue, mpsc::UnboundedReceiver<Arc<str>>, Recovery) {
+pub(super) async fn open(
+    dir: &std::path::Path,
+) -> (Queue, mpsc::UnboundedReceiver<Arc<str>>, Recovery) {
     let config = config(dir);
     // sled lets go of its file lock only once its I/O threads are done with the previous
     // handle, a moment after the last one is dropped.
