@@ -2,16 +2,17 @@
 //! library. Kept thin on purpose; everything testable lives in the library.
 #![deny(unsafe_code)]
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use zoomq::client::{self, Body, Content, Message, Recipient};
 use zoomq::config::{Config, DEFAULT_SOCKET_PATH};
+use zoomq::protocol::Target as MessageTarget;
 
 #[derive(Parser)]
 #[command(
@@ -44,7 +45,20 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Enqueue one edit through the daemon's socket and print the answer.
+    /// Send a new message named by your own ref and print the answer.
+    ///
+    /// A ref already known never makes a second message: it updates the one it names.
+    Post(PostArgs),
+    /// Edit a message, named by its ref or by Zoom's message_id, and print the answer.
+    Edit(EditArgs),
+    /// Delete a message (or cancel its send if not yet attempted) and print the answer.
+    Delete(DeleteArgs),
+    /// Print where a message stands: pending, in_flight, sent, deleted or dead.
+    Status(StatusArgs),
+    /// Enqueue one edit by --message-id and print the answer (the old name of `edit`).
+    ///
+    /// `edit` is the new name and also takes --ref; `send` stays for existing scripts. It is not
+    /// the protocol's "send" op: that is `post`.
     Send(SendArgs),
     /// Print queue and delivery figures.
     Stats {
@@ -77,14 +91,46 @@ struct Target {
     config: Option<PathBuf>,
 }
 
+/// How a command names an existing message: exactly one of --ref and --message-id.
 #[derive(Args)]
-struct SendArgs {
+#[group(required = true, multiple = false)]
+struct MessageName {
+    /// The bot's own name for the message, as given to `post`.
+    #[arg(long = "ref", value_name = "REF")]
+    reference: Option<String>,
+    /// Zoom's id of the message.
     #[arg(long)]
-    message_id: String,
+    message_id: Option<String>,
+}
+
+#[derive(Args)]
+struct MessageArgs {
+    #[command(flatten)]
+    name: MessageName,
     #[arg(long)]
     account_id: String,
     #[arg(long)]
     robot_jid: String,
+}
+
+impl MessageArgs {
+    fn message(self) -> Message {
+        let target = match (self.name.reference, self.name.message_id) {
+            (Some(reference), _) => MessageTarget::Ref(reference),
+            // clap requires one of the two.
+            (None, message_id) => MessageTarget::MessageId(message_id.unwrap_or_default()),
+        };
+        Message {
+            target,
+            account_id: self.account_id,
+            robot_jid: self.robot_jid,
+        }
+    }
+}
+
+/// What a post or an edit carries.
+#[derive(Args)]
+struct BodyArgs {
     /// The message content (a JSON object); read from stdin when neither this nor
     /// --content-file is given.
     #[arg(long, conflicts_with = "content_file")]
@@ -96,6 +142,87 @@ struct SendArgs {
     /// Set is_markdown_support.
     #[arg(long)]
     markdown: bool,
+}
+
+impl BodyArgs {
+    fn body(self) -> Body {
+        Body {
+            content: Content::from_flags(self.content, self.content_file),
+            user_jid: self.user_jid,
+            markdown: self.markdown,
+        }
+    }
+}
+
+#[derive(Args)]
+struct PostArgs {
+    /// Your name for the message (unique per account and bot), used to edit, delete or ask
+    /// about it later.
+    #[arg(long = "ref", value_name = "REF")]
+    reference: String,
+    #[arg(long)]
+    account_id: String,
+    #[arg(long)]
+    robot_jid: String,
+    /// The channel's or user's JID.
+    #[arg(long)]
+    to_jid: String,
+    /// Only this user sees the message.
+    #[arg(long)]
+    visible_to_user: Option<String>,
+    /// Post as a threaded reply to this message id.
+    #[arg(long)]
+    reply_to: Option<String>,
+    #[command(flatten)]
+    body: BodyArgs,
+    #[command(flatten)]
+    target: Target,
+}
+
+#[derive(Args)]
+struct EditArgs {
+    #[command(flatten)]
+    message: MessageArgs,
+    #[command(flatten)]
+    body: BodyArgs,
+    #[command(flatten)]
+    target: Target,
+}
+
+#[derive(Args)]
+struct DeleteArgs {
+    #[command(flatten)]
+    message: MessageArgs,
+    #[arg(long)]
+    user_jid: Option<String>,
+    #[command(flatten)]
+    target: Target,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    message: MessageArgs,
+    /// Wait up to this long (e.g. "10s") for a message_id or a final state; the daemon caps it.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    wait: Option<Duration>,
+    /// Print the daemon's JSON answer.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    target: Target,
+}
+
+#[derive(Args)]
+struct SendArgs {
+    #[arg(long)]
+    message_id: String,
+    #[arg(long)]
+    account_id: String,
+    #[arg(long)]
+    robot_jid: String,
+    #[command(flatten)]
+    body: BodyArgs,
     #[command(flatten)]
     target: Target,
 }
@@ -209,15 +336,47 @@ async fn dispatch(
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Send(args) => send(args).await,
+        Command::Post(args) => {
+            let message = Message {
+                target: MessageTarget::Ref(args.reference),
+                account_id: args.account_id,
+                robot_jid: args.robot_jid,
+            };
+            let recipient = Recipient {
+                to_jid: args.to_jid,
+                visible_to_user: args.visible_to_user,
+                reply_to: args.reply_to,
+            };
+            let socket = socket_of(&args.target)?;
+            client::post(&socket, &message, &recipient, &args.body.body()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Edit(args) => {
+            let socket = socket_of(&args.target)?;
+            client::edit(&socket, &args.message.message(), &args.body.body()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Send(args) => {
+            let message = Message {
+                target: MessageTarget::MessageId(args.message_id),
+                account_id: args.account_id,
+                robot_jid: args.robot_jid,
+            };
+            client::edit(&socket_of(&args.target)?, &message, &args.body.body()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Delete(args) => {
+            let socket = socket_of(&args.target)?;
+            client::delete(&socket, &args.message.message(), args.user_jid.as_deref()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status(args) => {
+            let socket = socket_of(&args.target)?;
+            client::status(&socket, &args.message.message(), args.wait, args.json).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Stats { target, json } => {
-            let answer =
-                zoomq::client::request(&socket_of(&target)?, &json!({"op": "stats"})).await?;
-            if json {
-                println!("{answer}");
-            } else {
-                print!("{}", zoomq::client::format_stats(&answer));
-            }
+            client::stats(&socket_of(&target)?, json).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { file } => match Config::load(&file) {
@@ -232,7 +391,26 @@ async fn dispatch(
                 Ok(ExitCode::FAILURE)
             }
         },
-        Command::Dead { command } => dead(command).await,
+        Command::Dead { command } => {
+            match command {
+                DeadCommand::List {
+                    json,
+                    limit,
+                    target,
+                } => client::dead_list(&socket_of(&target)?, limit, json).await?,
+                DeadCommand::Retry {
+                    job_id,
+                    all,
+                    target,
+                } => client::dead_retry(&socket_of(&target)?, job_id, all).await?,
+                DeadCommand::Purge {
+                    job_id,
+                    all,
+                    target,
+                } => client::dead_purge(&socket_of(&target)?, job_id, all).await?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Sandbox(args) => zoomq::demo::run_sandbox(args)
             .await
             .map(|()| ExitCode::SUCCESS),
@@ -269,90 +447,4 @@ fn socket_of(target: &Target) -> anyhow::Result<PathBuf> {
         return Ok(config.socket.path);
     }
     Ok(PathBuf::from(DEFAULT_SOCKET_PATH))
-}
-
-async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
-    let content_text = match (&args.content, &args.content_file) {
-        (Some(content), _) => content.clone(),
-        (None, Some(path)) => read_file(path)?,
-        (None, None) => {
-            let mut text = String::new();
-            std::io::stdin()
-                .read_to_string(&mut text)
-                .context("reading the content from stdin")?;
-            text
-        }
-    };
-    let content: serde_json::Value =
-        serde_json::from_str(&content_text).context("the content is not valid JSON")?;
-    let mut request = json!({
-        "op": "edit",
-        "message_id": args.message_id,
-        "account_id": args.account_id,
-        "robot_jid": args.robot_jid,
-        "content": content,
-    });
-    if let Some(user_jid) = args.user_jid {
-        request["user_jid"] = json!(user_jid);
-    }
-    if args.markdown {
-        request["is_markdown_support"] = json!(true);
-    }
-    let answer = zoomq::client::request(&socket_of(&args.target)?, &request).await?;
-    println!("{answer}");
-    Ok(ExitCode::SUCCESS)
-}
-
-fn read_file(path: &Path) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
-}
-
-async fn dead(command: DeadCommand) -> anyhow::Result<ExitCode> {
-    let with_selector = |op: &str, job_id: Option<String>, all: bool| {
-        if all {
-            json!({"op": op, "all": true})
-        } else {
-            json!({"op": op, "job_id": job_id})
-        }
-    };
-    match command {
-        DeadCommand::List {
-            json,
-            limit,
-            target,
-        } => {
-            let mut request = json!({"op": "dead_list"});
-            if let Some(limit) = limit {
-                request["limit"] = json!(limit);
-            }
-            let answer = zoomq::client::request(&socket_of(&target)?, &request).await?;
-            if json {
-                println!("{answer}");
-            } else {
-                print!("{}", zoomq::client::format_dead_list(&answer));
-            }
-        }
-        DeadCommand::Retry {
-            job_id,
-            all,
-            target,
-        } => {
-            let request = with_selector("dead_retry", job_id, all);
-            let answer = zoomq::client::request(&socket_of(&target)?, &request).await?;
-            println!(
-                "retried {}, superseded by newer edits {}",
-                answer["retried"], answer["superseded"]
-            );
-        }
-        DeadCommand::Purge {
-            job_id,
-            all,
-            target,
-        } => {
-            let request = with_selector("dead_purge", job_id, all);
-            let answer = zoomq::client::request(&socket_of(&target)?, &request).await?;
-            println!("purged {}", answer["purged"]);
-        }
-    }
-    Ok(ExitCode::SUCCESS)
 }

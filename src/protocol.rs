@@ -12,6 +12,8 @@ use serde_json::value::RawValue;
 pub const MAX_MESSAGE_ID_BYTES: usize = 256;
 /// Longest `account_id`, `robot_jid` or `user_jid` accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 1024;
+/// Longest `ref` accepted, in bytes: the same bound as a `message_id`, which it stands for.
+pub const MAX_REF_BYTES: usize = 256;
 
 /// A parsed, validated request.
 #[derive(Debug)]
@@ -155,16 +157,23 @@ pub enum ErrorCode {
     Internal,
     /// Sent once, before closing, to a peer refused by `socket.allowed_uids`/`allowed_gids`.
     Forbidden,
+    /// The `ref` or `message_id` is unknown (never sent through zoomq, or its ref forgotten
+    /// after `storage.ref_retention`).
+    NotFound,
+    /// The message was deleted: sends, edits and deletes naming it are refused for good.
+    Gone,
 }
 
 /// Every error code, for metrics that list them all from the start.
-pub const ALL_ERROR_CODES: [ErrorCode; 6] = [
+pub const ALL_ERROR_CODES: [ErrorCode; 8] = [
     ErrorCode::BadRequest,
     ErrorCode::TooLarge,
     ErrorCode::QueueFull,
     ErrorCode::Unavailable,
     ErrorCode::Internal,
     ErrorCode::Forbidden,
+    ErrorCode::NotFound,
+    ErrorCode::Gone,
 ];
 
 impl ErrorCode {
@@ -176,6 +185,8 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Gone => "gone",
         }
     }
 }
@@ -223,9 +234,91 @@ impl std::fmt::Display for ProtocolError {
 
 impl std::error::Error for ProtocolError {}
 
-/// The success answer to an edit.
+/// The success answer to an edit, by `message_id` or by `ref`.
 pub fn edit_ok_line(job_id: u64, coalesced: bool) -> String {
     format!("{{\"ok\":true,\"job_id\":\"{job_id}\",\"coalesced\":{coalesced}}}")
+}
+
+/// The success answer to a send: `{"ok":true,"job_id":"N","ref":"R","coalesced":B}`. The ref
+/// is the producer's own text (quotes, backslashes, any Unicode), so serde writes it.
+pub fn send_ok_line(job_id: u64, reference: &str, coalesced: bool) -> String {
+    #[derive(Serialize)]
+    struct Wire<'a> {
+        ok: bool,
+        job_id: String,
+        #[serde(rename = "ref")]
+        reference: &'a str,
+        coalesced: bool,
+    }
+    serde_json::to_string(&Wire {
+        ok: true,
+        job_id: job_id.to_string(),
+        reference,
+        coalesced,
+    })
+    .expect("serializing strings cannot fail")
+}
+
+/// The success answer to a delete: `{"ok":true,"job_id":"N"}`, or `{"ok":true,"cancelled":true}`
+/// when it cancelled a send never attempted. A cancelled send leaves no job to follow, so
+/// `job_id` is left out then whatever is passed; with neither, `{"ok":true}`.
+pub fn delete_ok_line(job_id: Option<u64>, cancelled: bool) -> String {
+    #[derive(Serialize)]
+    struct Wire {
+        ok: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        job_id: Option<String>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        cancelled: bool,
+    }
+    serde_json::to_string(&Wire {
+        ok: true,
+        job_id: job_id.filter(|_| !cancelled).map(|id| id.to_string()),
+        cancelled,
+    })
+    .expect("serializing strings cannot fail")
+}
+
+/// Where a message stands, as `status` answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageState {
+    /// Waiting to be sent (or its latest edit or delete waiting).
+    Pending,
+    /// A request to Zoom is under way.
+    InFlight,
+    /// Zoom has the message and its latest content.
+    Sent,
+    Deleted,
+    /// Zoom refused it or it could not be delivered; `reason` says why.
+    Dead,
+}
+
+/// The answer to `status`, without `ok`; fields not known are left out of the wire form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageStatus {
+    pub state: MessageState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+}
+
+/// The success answer to `status`: `{"ok":true,"state":"sent","message_id":"...",...}`.
+pub fn status_line(status: &MessageStatus) -> String {
+    #[derive(Serialize)]
+    struct Wire<'a> {
+        ok: bool,
+        #[serde(flatten)]
+        status: &'a MessageStatus,
+    }
+    serde_json::to_string(&Wire { ok: true, status }).expect("serializing strings cannot fail")
 }
 
 /// A dead letter as `dead_list` shows it.
@@ -268,6 +361,8 @@ impl DeadLetter {
 struct RawRequest<'a> {
     #[serde(borrow)]
     op: Option<&'a RawValue>,
+    #[serde(borrow, rename = "ref")]
+    reference: Option<&'a RawValue>,
     #[serde(borrow)]
     message_id: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -275,11 +370,19 @@ struct RawRequest<'a> {
     #[serde(borrow)]
     robot_jid: Option<&'a RawValue>,
     #[serde(borrow)]
+    to_jid: Option<&'a RawValue>,
+    #[serde(borrow)]
     user_jid: Option<&'a RawValue>,
+    #[serde(borrow)]
+    visible_to_user: Option<&'a RawValue>,
+    #[serde(borrow)]
+    reply_to: Option<&'a RawValue>,
     #[serde(borrow)]
     is_markdown_support: Option<&'a RawValue>,
     #[serde(borrow)]
     content: Option<&'a RawValue>,
+    #[serde(borrow)]
+    wait: Option<&'a RawValue>,
     #[serde(borrow)]
     job_id: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -321,12 +424,17 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
     let op: String = required_string(raw.op, "op")?;
     let only = |allowed: &[&str]| -> Result<(), ProtocolError> {
         let present = [
+            ("ref", raw.reference.is_some()),
             ("message_id", raw.message_id.is_some()),
             ("account_id", raw.account_id.is_some()),
             ("robot_jid", raw.robot_jid.is_some()),
+            ("to_jid", raw.to_jid.is_some()),
             ("user_jid", raw.user_jid.is_some()),
+            ("visible_to_user", raw.visible_to_user.is_some()),
+            ("reply_to", raw.reply_to.is_some()),
             ("is_markdown_support", raw.is_markdown_support.is_some()),
             ("content", raw.content.is_some()),
+            ("wait", raw.wait.is_some()),
             ("job_id", raw.job_id.is_some()),
             ("all", raw.all.is_some()),
             ("limit", raw.limit.is_some()),
@@ -342,8 +450,38 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
         }
     };
     match op.as_str() {
+        "send" => {
+            only(&[
+                "ref",
+                "account_id",
+                "robot_jid",
+                "to_jid",
+                "user_jid",
+                "visible_to_user",
+                "reply_to",
+                "is_markdown_support",
+                "content",
+            ])?;
+            Ok(Request::Send(Send {
+                reference: identifier(raw.reference, "ref", MAX_REF_BYTES)?,
+                account_id: identifier(raw.account_id, "account_id", MAX_ID_BYTES)?,
+                robot_jid: identifier(raw.robot_jid, "robot_jid", MAX_ID_BYTES)?,
+                to_jid: identifier(raw.to_jid, "to_jid", MAX_ID_BYTES)?,
+                user_jid: optional_identifier(raw.user_jid, "user_jid", MAX_ID_BYTES)?,
+                visible_to_user: optional_identifier(
+                    raw.visible_to_user,
+                    "visible_to_user",
+                    MAX_ID_BYTES,
+                )?,
+                // The parent message's id, so a message id's bound.
+                reply_to: optional_identifier(raw.reply_to, "reply_to", MAX_MESSAGE_ID_BYTES)?,
+                is_markdown_support: optional_bool(raw.is_markdown_support, "is_markdown_support")?,
+                content: content(raw.content)?,
+            }))
+        }
         "edit" => {
             only(&[
+                "ref",
                 "message_id",
                 "account_id",
                 "robot_jid",
@@ -351,31 +489,31 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
                 "is_markdown_support",
                 "content",
             ])?;
-            let message_id = identifier(raw.message_id, "message_id", MAX_MESSAGE_ID_BYTES)?;
-            let target = Target::MessageId(message_id);
-            let account_id = identifier(raw.account_id, "account_id", MAX_ID_BYTES)?;
-            let robot_jid = identifier(raw.robot_jid, "robot_jid", MAX_ID_BYTES)?;
-            let user_jid = match optional(raw.user_jid) {
-                Some(value) => Some(identifier(Some(value), "user_jid", MAX_ID_BYTES)?),
-                None => None,
-            };
-            let is_markdown_support = match optional(raw.is_markdown_support) {
-                Some(value) => Some(serde_json::from_str::<bool>(value.get()).map_err(|_| {
-                    ProtocolError::bad(format!(
-                        "field `is_markdown_support`: expected true or false, got {}",
-                        excerpt(value)
-                    ))
-                })?),
-                None => None,
-            };
-            let content = content(raw.content)?;
             Ok(Request::Edit(Edit {
-                target,
-                account_id,
-                robot_jid,
-                user_jid,
-                is_markdown_support,
-                content,
+                target: target(raw.message_id, raw.reference)?,
+                account_id: identifier(raw.account_id, "account_id", MAX_ID_BYTES)?,
+                robot_jid: identifier(raw.robot_jid, "robot_jid", MAX_ID_BYTES)?,
+                user_jid: optional_identifier(raw.user_jid, "user_jid", MAX_ID_BYTES)?,
+                is_markdown_support: optional_bool(raw.is_markdown_support, "is_markdown_support")?,
+                content: content(raw.content)?,
+            }))
+        }
+        "delete" => {
+            only(&["ref", "message_id", "account_id", "robot_jid", "user_jid"])?;
+            Ok(Request::Delete(Delete {
+                target: target(raw.message_id, raw.reference)?,
+                account_id: identifier(raw.account_id, "account_id", MAX_ID_BYTES)?,
+                robot_jid: identifier(raw.robot_jid, "robot_jid", MAX_ID_BYTES)?,
+                user_jid: optional_identifier(raw.user_jid, "user_jid", MAX_ID_BYTES)?,
+            }))
+        }
+        "status" => {
+            only(&["ref", "message_id", "account_id", "robot_jid", "wait"])?;
+            Ok(Request::Status(StatusQuery {
+                target: target(raw.message_id, raw.reference)?,
+                account_id: identifier(raw.account_id, "account_id", MAX_ID_BYTES)?,
+                robot_jid: identifier(raw.robot_jid, "robot_jid", MAX_ID_BYTES)?,
+                wait: wait(raw.wait)?,
             }))
         }
         "ping" => only(&[]).map(|()| Request::Ping),
@@ -403,8 +541,9 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
             })
         }
         other => Err(ProtocolError::bad(format!(
-            "field `op`: unknown operation {other:?}; expected one of \"edit\", \"ping\", \"stats\", \
-             \"dead_list\", \"dead_retry\", \"dead_purge\""
+            "field `op`: unknown operation {other:?}; expected one of \"send\", \"edit\", \
+             \"delete\", \"status\", \"ping\", \"stats\", \"dead_list\", \"dead_retry\", \
+             \"dead_purge\""
         ))),
     }
 }
@@ -468,6 +607,65 @@ fn identifier(
     Ok(text)
 }
 
+fn optional_identifier(
+    value: Option<&RawValue>,
+    field: &str,
+    max_bytes: usize,
+) -> Result<Option<String>, ProtocolError> {
+    optional(value)
+        .map(|value| identifier(Some(value), field, max_bytes))
+        .transpose()
+}
+
+fn optional_bool(value: Option<&RawValue>, field: &str) -> Result<Option<bool>, ProtocolError> {
+    optional(value)
+        .map(|value| {
+            serde_json::from_str::<bool>(value.get()).map_err(|_| {
+                ProtocolError::bad(format!(
+                    "field `{field}`: expected true or false, got {}",
+                    excerpt(value)
+                ))
+            })
+        })
+        .transpose()
+}
+
+/// The message a request names: exactly one of `message_id` and `ref`, since the two could
+/// name different messages.
+fn target(
+    message_id: Option<&RawValue>,
+    reference: Option<&RawValue>,
+) -> Result<Target, ProtocolError> {
+    match (optional(message_id), optional(reference)) {
+        (Some(_), Some(_)) => Err(ProtocolError::bad(
+            "give either `message_id` or `ref`, not both",
+        )),
+        (None, None) => Err(ProtocolError::bad("field `message_id` or `ref` is missing")),
+        (Some(value), None) => {
+            identifier(Some(value), "message_id", MAX_MESSAGE_ID_BYTES).map(Target::MessageId)
+        }
+        (None, Some(value)) => identifier(Some(value), "ref", MAX_REF_BYTES).map(Target::Ref),
+    }
+}
+
+/// `wait` in the configuration's duration syntax ("10s", "500ms"). Its upper bound is the
+/// daemon's configuration, checked there.
+fn wait(value: Option<&RawValue>) -> Result<Option<std::time::Duration>, ProtocolError> {
+    let Some(value) = optional(value) else {
+        return Ok(None);
+    };
+    let expected = |detail: String| {
+        ProtocolError::bad(format!(
+            "field `wait`: expected a duration such as \"10s\" or \"500ms\", got {}{detail}",
+            excerpt(value)
+        ))
+    };
+    let text = serde_json::from_str::<String>(value.get()).map_err(|_| expected(String::new()))?;
+    humantime::parse_duration(&text)
+        .map(Some)
+        .map_err(|e| expected(format!(" ({e})")))
+}
+
 fn content(value: Option<&RawValue>) -> Result<Box<RawValue>, ProtocolError> {
     let value = optional(value).ok_or_else(|| ProtocolError::bad("field `content` is missing"))?;
     let text = value.get();
@@ -500,15 +698,7 @@ fn content(value: Option<&RawValue>) -> Result<Box<RawValue>, ProtocolError> {
 }
 
 fn selector(job_id: Option<&RawValue>, all: Option<&RawValue>) -> Result<Selector, ProtocolError> {
-    let all = match optional(all) {
-        Some(value) => serde_json::from_str::<bool>(value.get()).map_err(|_| {
-            ProtocolError::bad(format!(
-                "field `all`: expected true or false, got {}",
-                excerpt(value)
-            ))
-        })?,
-        None => false,
-    };
+    let all = optional_bool(all, "all")?.unwrap_or(false);
     match (optional(job_id), all) {
         (Some(_), true) => Err(ProtocolError::bad(
             "give either `job_id` or `all`: true, not both",
@@ -529,78 +719,5 @@ fn selector(job_id: Option<&RawValue>, all: Option<&RawValue>) -> Result<Selecto
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn err(line: &str) -> String {
-        match parse_request(line.as_bytes()) {
-            Ok(r) => panic!("accepted {line}: {r:?}"),
-            Err(e) => {
-                assert_eq!(e.code, ErrorCode::BadRequest);
-                e.message
-            }
-        }
-    }
-
-    const GOOD: &str = r#"{"op":"edit","message_id":"m1","account_id":"a1","robot_jid":"r@xmpp.zoom.us","content":{"head":{"text":"hi"}}}"#;
-
-    #[test]
-    fn accepts_a_good_edit_and_builds_zooms_body() {
-        let Request::Edit(edit) = parse_request(GOOD.as_bytes()).unwrap() else {
-            panic!("not an edit")
-        };
-        assert_eq!(edit.target, Target::MessageId("m1".into()));
-        let body: serde_json::Value = serde_json::from_slice(&edit.zoom_body()).unwrap();
-        assert_eq!(body["content"]["head"]["text"], "hi");
-        assert_eq!(body["account_id"], "a1");
-        assert!(body.get("user_jid").is_none());
-    }
-
-    #[test]
-    fn names_the_field_at_fault() {
-        assert!(err(&GOOD.replace("\"m1\"", "5")).contains("`message_id`: expected a string"));
-        assert!(err(&GOOD.replace("\"m1\"", "\"\"")).contains("`message_id`: expected a non-empty"));
-        assert!(err(&GOOD.replace("\"m1\"", "\"a\\u0007b\"")).contains("control character U+0007"));
-        let long = format!("\"{}\"", "x".repeat(257));
-        assert!(err(&GOOD.replace("\"m1\"", &long)).contains("at most 256"));
-        assert!(err(&GOOD.replace(r#"{"head":{"text":"hi"}}"#, "{ }")).contains("empty"));
-        assert!(err(&GOOD.replace(r#"{"head":{"text":"hi"}}"#, "[1]")).contains("JSON object"));
-        assert!(
-            err(&GOOD.replace(",\"account_id\":\"a1\"", "")).contains("`account_id` is missing")
-        );
-        assert!(err(&GOOD.replace("}}}", "}},\"colour\":1}")).contains("unknown field `colour`"));
-        assert!(err(r#"{"op":"fly"}"#).contains("unknown operation"));
-        assert!(err(r#"{"op":"ping","message_id":"x"}"#).contains("not allowed"));
-        assert!(err("{\"op\":").contains("invalid JSON"));
-        assert!(err("[]").contains("expected a JSON object"));
-        assert!(err("nope").contains("invalid JSON"));
-    }
-
-    #[test]
-    fn rejects_lone_surrogates_in_content() {
-        let line = GOOD.replace(r#""hi""#, r#""\ud800""#);
-        assert!(err(&line).contains("invalid string escape"), "{line}");
-        // A proper pair is fine.
-        let line = GOOD.replace(r#""hi""#, r#""\ud83d\ude00""#);
-        assert!(parse_request(line.as_bytes()).is_ok());
-    }
-
-    #[test]
-    fn rejects_invalid_utf8() {
-        let e = parse_request(b"{\"op\":\"ping\xff\"}").unwrap_err();
-        assert!(e.message.contains("UTF-8"), "{}", e.message);
-    }
-
-    #[test]
-    fn dead_letter_selectors() {
-        assert!(matches!(
-            parse_request(br#"{"op":"dead_retry","job_id":"7"}"#).unwrap(),
-            Request::DeadRetry(Selector::One(7))
-        ));
-        assert!(matches!(
-            parse_request(br#"{"op":"dead_purge","all":true}"#).unwrap(),
-            Request::DeadPurge(Selector::All)
-        ));
-        assert!(err(r#"{"op":"dead_purge"}"#).contains("job_id"));
-    }
-}
+#[path = "protocol_tests.rs"]
+mod tests;

@@ -1,9 +1,15 @@
-//! The client side of the producer protocol, used by the `send`, `stats` and `dead`
-//! subcommands: connect, send one request line, read one answer line.
+//! The client side of the producer protocol, used by the `post`, `edit`, `send`, `delete`,
+//! `status`, `stats` and `dead` subcommands: connect, send one request line, read one answer
+//! line.
 
+mod commands;
 mod render;
 
-pub use render::{format_dead_list, format_stats};
+pub use commands::{
+    dead_list, dead_purge, dead_retry, delete, edit, post, stats, status, Body, Content, Message,
+    Recipient,
+};
+pub use render::{format_dead_list, format_stats, format_status};
 
 use std::path::Path;
 use std::time::Duration;
@@ -12,11 +18,25 @@ use anyhow::{anyhow, Context};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
+/// How long an answer may take: an edit waits for a group commit, a dead-letter list reads the
+/// store; anything longer means the daemon is stuck.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Sends one request and returns the daemon's answer. An `ok:false` answer becomes an error
 /// carrying the daemon's code and message.
 pub async fn request(
     socket: &Path,
     request: &serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    request_within(socket, request, Duration::ZERO).await
+}
+
+/// [`request`] for a request the daemon may hold up to `held` on purpose (`status` with
+/// `wait`), so the answer's usual deadline is extended by that.
+pub async fn request_within(
+    socket: &Path,
+    request: &serde_json::Value,
+    held: Duration,
 ) -> anyhow::Result<serde_json::Value> {
     let stream = tokio::time::timeout(Duration::from_secs(10), UnixStream::connect(socket))
         .await
@@ -36,7 +56,7 @@ pub async fn request(
         .context("sending the request")?;
     let mut answer = String::new();
     let read = tokio::time::timeout(
-        Duration::from_secs(60),
+        ANSWER_TIMEOUT.saturating_add(held),
         BufReader::new(reader).read_line(&mut answer),
     )
     .await

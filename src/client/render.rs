@@ -1,5 +1,5 @@
-//! Human renderings of the answers of `zoomq stats` and `zoomq dead list` (the JSON forms are
-//! printed as they come with `--json`).
+//! Human renderings of the answers of `zoomq stats`, `zoomq dead list` and `zoomq status` (the
+//! JSON forms are printed as they come with `--json`).
 
 use serde_json::Value;
 
@@ -118,6 +118,36 @@ pub fn format_dead_list(answer: &Value) -> String {
     out
 }
 
+/// Renders a `status` answer for people, one line: the state, then the fields the answer has as
+/// `key=value`, e.g. `sent  message_id=m1 sent_time="2019-10-17 01:40:24 +0000"`.
+pub fn format_status(answer: &Value) -> String {
+    let mut out = answer["state"].as_str().unwrap_or("?").to_string();
+    let mut separator = "  ";
+    for key in ["message_id", "sent_time", "reason", "job_id", "ref"] {
+        let Some(value) = answer[key].as_str() else {
+            continue;
+        };
+        out.push_str(&format!("{separator}{key}={}", quoted_if_needed(value)));
+        separator = " ";
+    }
+    out.push('\n');
+    out
+}
+
+/// A value as is when it reads back unambiguously in a `key=value` line (Zoom's `sent_time`
+/// has spaces, a ref may have anything), else quoted with Rust's escapes.
+fn quoted_if_needed(value: &str) -> String {
+    let plain = !value.is_empty()
+        && !value
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '\\' || c == '=');
+    if plain {
+        value.to_string()
+    } else {
+        format!("{value:?}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +202,51 @@ mod tests {
         // An older daemon without the field: no table at all.
         answer.as_object_mut().unwrap().remove("per_account");
         assert!(!format_stats(&answer).contains("per account"));
+    }
+
+    #[test]
+    fn status_is_one_line_with_the_fields_present() {
+        let answer = json!({"ok": true, "state": "sent", "message_id": "20191017014024747_XYYRFjM_main",
+            "sent_time": "2019-10-17 01:40:24 +0000"});
+        assert_eq!(
+            format_status(&answer),
+            "sent  message_id=20191017014024747_XYYRFjM_main sent_time=\"2019-10-17 01:40:24 +0000\"\n"
+        );
+        let answer = json!({"ok": true, "state": "dead", "reason": "outcome_unknown",
+            "job_id": "17", "ref": "build 42"});
+        assert_eq!(
+            format_status(&answer),
+            "dead  reason=outcome_unknown job_id=17 ref=\"build 42\"\n"
+        );
+        assert_eq!(
+            format_status(&json!({"ok": true, "state": "pending"})),
+            "pending\n"
+        );
+    }
+
+    #[test]
+    fn status_values_that_would_break_the_line_are_quoted() {
+        let answer = json!({"ok": true, "state": "in_flight", "ref": "a=b\"c\nd"});
+        assert_eq!(format_status(&answer), "in_flight  ref=\"a=b\\\"c\\nd\"\n");
+        // A state this client does not know yet is shown, not refused.
+        assert_eq!(
+            format_status(&json!({"ok": true, "state": "archived"})),
+            "archived\n"
+        );
+    }
+
+    #[test]
+    fn status_renders_the_daemons_own_answer() {
+        use crate::protocol::{status_line, MessageState, MessageStatus};
+        let line = status_line(&MessageStatus {
+            state: MessageState::Deleted,
+            message_id: Some("m1".into()),
+            sent_time: None,
+            reason: None,
+            job_id: None,
+            reference: Some("r1".into()),
+        });
+        let answer: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(format_status(&answer), "deleted  message_id=m1 ref=r1\n");
     }
 }
