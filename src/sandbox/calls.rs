@@ -170,7 +170,14 @@ async fn handle(
         .map(str::to_string);
 
     let (reply, created) = match check(&shared, &headers, &call, account_id.as_deref()).await {
-        Ok(cleared) => apply(&shared, &call, cleared),
+        Ok(cleared) => {
+            let delay = cleared.delay_after_apply;
+            let applied = apply(&shared, &call, cleared);
+            if let Some(delay) = delay {
+                pause(&shared, delay).await;
+            }
+            applied
+        }
         Err(reply) => (reply, None),
     };
 
@@ -213,6 +220,8 @@ struct Cleared<'a> {
     remaining: u32,
     /// What answers instead of success once the request is applied (step 7).
     after_apply: Option<Reply>,
+    /// How long to wait between applying the request and answering.
+    delay_after_apply: Option<std::time::Duration>,
 }
 
 /// Steps 1 to 5 of the module docs.
@@ -235,6 +244,7 @@ async fn check<'a>(
             .and_then(VecDeque::pop_front)
     };
     let mut after_apply = None;
+    let mut delay_after_apply = None;
     match step {
         Some(Scripted::Status {
             status,
@@ -244,6 +254,7 @@ async fn check<'a>(
         Some(Scripted::Reset) => return Err(Reply::Reset),
         Some(Scripted::Delay(delay)) => pause(shared, delay).await,
         Some(Scripted::ResetAfterApply) => after_apply = Some(Reply::Reset),
+        Some(Scripted::DelayAfterApply(delay)) => delay_after_apply = Some(delay),
         Some(Scripted::StatusAfterApply {
             status,
             headers,
@@ -356,6 +367,7 @@ async fn check<'a>(
         remaining,
         // A script is the test's explicit wish for this one request; it wins over chance.
         after_apply: after_apply.or(drawn_after_apply),
+        delay_after_apply,
     })
 }
 

@@ -291,6 +291,9 @@ pub enum Scripted {
     /// close the connection instead of answering. A request that fails on its own gets its
     /// own answer, and the step is used up all the same.
     ResetAfterApply,
+    /// Handle the request normally, then wait this long before answering: the request is
+    /// applied while its client still waits (a client killed meanwhile never learns it).
+    DelayAfterApply(Duration),
     /// Like [`Scripted::ResetAfterApply`], but answer with this status, these headers and this
     /// body (as [`Scripted::Status`] does) once the request is applied.
     StatusAfterApply {

@@ -5,6 +5,7 @@ mod helpers;
 
 mod config_errors;
 mod crash;
+mod crash_lifecycle;
 mod delivery;
 mod faults;
 mod ingest;
