@@ -315,16 +315,12 @@ impl Ingest {
                         format!("cannot read dead letters: {e}"),
                     )
                 })?;
-                let records = self.queue.dead_list(limit).map_err(|e| {
+                let dead = self.queue.dead_letters(limit).map_err(|e| {
                     ProtocolError::new(
                         ErrorCode::Unavailable,
                         format!("cannot read dead letters: {e}"),
                     )
                 })?;
-                let dead: Vec<_> = records
-                    .into_iter()
-                    .map(|(seq, record)| protocol::DeadLetter::from_record(seq, record))
-                    .collect();
                 let line = serde_json::json!({"ok": true, "dead": dead}).to_string();
                 Ok((line, false))
             }

@@ -325,9 +325,17 @@ pub fn status_line(status: &MessageStatus) -> String {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeadLetter {
     pub job_id: String,
+    /// Zoom's id of the message; empty for a message named by a ref that has none yet.
     pub message_id: String,
+    /// The producer's name of the message, when it gave one.
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none", default)]
+    pub reference: Option<String>,
+    /// The call that failed: `send`, `edit` or `delete`.
+    #[serde(default)]
+    pub op: String,
     pub account_id: String,
-    /// `rejected` (Zoom refused the edit) or `expired` (failing longer than delivery.max_age).
+    /// `rejected` (Zoom refused it), `expired` (failing longer than delivery.max_age) or
+    /// `outcome_unknown` (a send that may have been posted; `delivery.send_in_doubt`).
     pub reason: String,
     pub status: Option<u16>,
     pub zoom_code: Option<i64>,
@@ -336,23 +344,6 @@ pub struct DeadLetter {
     /// Unix milliseconds.
     pub enqueued_ms: u64,
     pub dead_ms: u64,
-}
-
-impl DeadLetter {
-    pub fn from_record(seq: u64, record: crate::queue::DeadRecord) -> DeadLetter {
-        DeadLetter {
-            job_id: seq.to_string(),
-            message_id: record.header.message_id,
-            account_id: record.header.account_id,
-            reason: record.reason,
-            status: record.status,
-            zoom_code: record.zoom_code,
-            detail: record.detail,
-            attempts: record.header.attempts,
-            enqueued_ms: record.header.enqueued_ms,
-            dead_ms: record.dead_ms,
-        }
-    }
 }
 
 /// Every field any request may carry, each still raw JSON.

@@ -100,14 +100,20 @@ pub fn format_dead_list(answer: &Value) -> String {
         return "no dead letters\n".into();
     }
     let mut out = format!(
-        "{:<10} {:<28} {:<20} {:<9} {:>6} {:>6}  {}\n",
+        "{:<10} {:<28} {:<20} {:<15} {:>6} {:>6}  {}\n",
         "JOB", "MESSAGE", "ACCOUNT", "REASON", "STATUS", "CODE", "DETAIL"
     );
     for d in dead {
+        // A message named by a ref shows its ref (it may have no id yet).
+        let message = match (d["ref"].as_str(), d["message_id"].as_str()) {
+            (Some(reference), _) => format!("ref:{reference}"),
+            (None, Some(id)) => id.to_string(),
+            (None, None) => "?".to_string(),
+        };
         out.push_str(&format!(
-            "{:<10} {:<28} {:<20} {:<9} {:>6} {:>6}  {}\n",
+            "{:<10} {:<28} {:<20} {:<15} {:>6} {:>6}  {}\n",
             d["job_id"].as_str().unwrap_or("?"),
-            d["message_id"].as_str().unwrap_or("?"),
+            message,
             d["account_id"].as_str().unwrap_or("?"),
             d["reason"].as_str().unwrap_or("?"),
             render(&d["status"]),

@@ -2,9 +2,11 @@
 //! newer edit of the message is pending) and purge. Serialized by `Shared::dead_ops`, because each
 //! reads sled and must see the previous command's writes committed.
 
+use super::refs::ref_of;
+use super::store::JobOp;
 use super::store::{del_ref, key, put_ref, EntryRef, Op, DEAD, DEAD_BODY};
 use super::{now_ms, wait, Core, DeadOutcome, DeadRecord, JobHeader, Queue, StoreError};
-use crate::protocol::Selector;
+use crate::protocol::{DeadLetter, Selector};
 
 impl Core {
     /// Releases the ref or deleted message held by dead letter `seq`, if any: after a retry
@@ -41,6 +43,46 @@ impl Queue {
     /// commit).
     pub async fn settled(&self) -> Result<(), String> {
         wait(self.shared.commit_locked(self.shared.lock())).await
+    }
+
+    /// Dead letters as producers and operators see them (named by ref where they were), in
+    /// job-id order, at most `limit` of them. Call [`Queue::settled`] first to see the latest.
+    pub fn dead_letters(&self, limit: Option<usize>) -> Result<Vec<DeadLetter>, StoreError> {
+        let records = self.dead_list(limit)?;
+        let core = self.shared.lock();
+        Ok(records
+            .into_iter()
+            .map(|(seq, record)| {
+                let name = &record.header.message_id;
+                let remembered = core.refs.get(core.state.key(name));
+                let reference = ref_of(name).map(str::to_string);
+                let message_id = match &reference {
+                    Some(_) => remembered
+                        .and_then(|r| r.message_id.clone())
+                        .unwrap_or_default(),
+                    None => name.clone(),
+                };
+                let op = match record.header.op {
+                    JobOp::Delete => "delete",
+                    JobOp::Content if reference.is_some() && message_id.is_empty() => "send",
+                    JobOp::Content => "edit",
+                };
+                DeadLetter {
+                    job_id: seq.to_string(),
+                    message_id,
+                    reference,
+                    op: op.to_string(),
+                    account_id: record.header.account_id,
+                    reason: record.reason,
+                    status: record.status,
+                    zoom_code: record.zoom_code,
+                    detail: record.detail,
+                    attempts: record.header.attempts,
+                    enqueued_ms: record.header.enqueued_ms,
+                    dead_ms: record.dead_ms,
+                }
+            })
+            .collect())
     }
 
     /// Dead letters in job-id order, at most `limit` of them. Call [`Queue::settled`] first

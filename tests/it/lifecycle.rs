@@ -185,6 +185,9 @@ async fn a_send_in_doubt_is_a_dead_letter_with_its_edits_when_asked() {
     assert_eq!(waiting["coalesced"], true, "{waiting}");
     let dead = client.call(&json!({"op": "dead_list"})).await;
     assert_eq!(dead["dead"][0]["reason"], "outcome_unknown", "{dead}");
+    assert_eq!(dead["dead"][0]["ref"], "deploy-1", "{dead}");
+    assert_eq!(dead["dead"][0]["op"], "send", "{dead}");
+    assert_eq!(dead["dead"][0]["message_id"], "", "{dead}");
     // At most once: exactly the one message Zoom posted, nothing sent again.
     assert_eq!(messages_to(&zoom, "channel-3@conf").len(), 1);
     let job_id = dead["dead"][0]["job_id"].clone();
