@@ -44,7 +44,7 @@ pub enum Target {
     Ref(String),
 }
 
-/// A new message, named by the producer's `ref` (see README "The life of a message").
+/// A new message, named by the producer's `ref` (see ARCHITECTURE.md, "The life of a message").
 #[derive(Debug, Clone)]
 pub struct Send {
     pub reference: String,
