@@ -216,3 +216,103 @@ async fn a_send_in_doubt_is_sent_again_by_default() {
     let metrics = daemon.stats().await;
     assert_eq!(metrics["dead"], 0, "{metrics}");
 }
+
+#[tokio::test]
+async fn hostile_lifecycle_input_gets_a_specific_error_and_changes_nothing() {
+    let zoom = sandbox(SandboxConfig::default()).await;
+    let daemon = TestDaemon::start(&zoom, Tweaks::default()).await;
+    let mut client = daemon.client().await;
+    let long = "x".repeat(300);
+    let send = |field: &str, value: Value| {
+        let mut request = send("r1", "channel@conf", "v");
+        request[field] = value;
+        request
+    };
+    let cases: Vec<(Value, &str, &str)> = vec![
+        (
+            send("ref", json!("")),
+            "bad_request",
+            "`ref`: expected a non-empty",
+        ),
+        (send("ref", json!(long)), "bad_request", "`ref`: 300 bytes"),
+        (
+            send("ref", json!("a\u{7}b")),
+            "bad_request",
+            "`ref`: contains the control",
+        ),
+        (
+            send("ref", json!(7)),
+            "bad_request",
+            "`ref`: expected a string",
+        ),
+        (
+            send("to_jid", Value::Null),
+            "bad_request",
+            "`to_jid` is missing",
+        ),
+        (
+            send("to_jid", json!(["x"])),
+            "bad_request",
+            "`to_jid`: expected a string",
+        ),
+        (
+            send("visible_to_user", json!("")),
+            "bad_request",
+            "`visible_to_user`",
+        ),
+        (send("reply_to", json!(long)), "bad_request", "`reply_to`"),
+        (
+            send("is_markdown_support", json!("yes")),
+            "bad_request",
+            "`is_markdown_support`",
+        ),
+        (send("content", json!({})), "bad_request", "empty"),
+        (
+            send("message_id", json!("m1")),
+            "bad_request",
+            "`message_id` is not allowed",
+        ),
+        (
+            json!({"op": "edit", "ref": "r1", "message_id": "m1", "account_id": "acct",
+                   "robot_jid": ROBOT, "content": {"a": 1}}),
+            "bad_request",
+            "not both",
+        ),
+        (
+            json!({"op": "delete", "ref": "r1", "account_id": "acct", "robot_jid": ROBOT,
+                   "content": {"a": 1}}),
+            "bad_request",
+            "`content` is not allowed",
+        ),
+        (
+            json!({"op": "delete", "account_id": "acct", "robot_jid": ROBOT}),
+            "bad_request",
+            "`ref` is missing",
+        ),
+        (
+            json!({"op": "status", "ref": "r1", "account_id": "acct", "robot_jid": ROBOT, "wait": "soon"}),
+            "bad_request",
+            "`wait`",
+        ),
+        (
+            json!({"op": "status", "ref": "r1", "account_id": "acct", "robot_jid": ROBOT, "wait": 10}),
+            "bad_request",
+            "`wait`",
+        ),
+        (
+            json!({"op": "status", "ref": "r1", "account_id": "acct", "robot_jid": ROBOT, "wait": "1h"}),
+            "bad_request",
+            "socket.max_status_wait",
+        ),
+    ];
+    for (request, code, needle) in cases {
+        let answer = client.call(&request).await;
+        assert_eq!(answer["error"], code, "{request} → {answer}");
+        let message = answer["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{needle:?} not in {message:?}");
+    }
+    // None of it was accepted: the ref is unknown, nothing is queued.
+    let status = client.call(&by_ref("status", "r1")).await;
+    assert_eq!(status["error"], "not_found", "{status}");
+    assert_eq!(daemon.stats().await["pending"], 0);
+}
