@@ -19,12 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::store::{encode_header, key, EntryRef, Op, BODIES, DONE, HEADERS, RECORD_BODY_BYTES};
 
-/// Where an entry is stored: its record and its place in it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Loc {
-    pub record: u64,
-    pub index: u32,
-}
+pub use super::entry::Loc;
 
 #[derive(Debug, Default)]
 struct Record {

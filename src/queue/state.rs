@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use super::ledger::Loc;
+use super::entry::{EntryRef, Loc};
 pub use super::slab::MessageKey;
 use super::slab::{Keyed, Slab};
 
@@ -35,6 +35,18 @@ pub struct Stored {
     pub enqueued_ms: u64,
     pub attempts: u32,
     pub first_failure_ms: Option<u64>,
+}
+
+impl EntryRef<'_> {
+    /// What the index keeps of this entry, stored at `loc`.
+    pub fn stored(&self, loc: Loc) -> Stored {
+        Stored {
+            loc: Some(loc),
+            enqueued_ms: self.enqueued_ms,
+            attempts: self.attempts,
+            first_failure_ms: self.first_failure_ms,
+        }
+    }
 }
 
 /// A pending job, packed: record 0 never occurs, so it stands for "not stored yet". What only

@@ -42,45 +42,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use super::entry::{encode_header, entries, EntryRef};
+pub use super::entry::{encode_header, entries, EntryRef, JobHeader, JobOp, Malformed};
 use super::refs::RefRecord;
 
 /// Bodies per record before it is sealed and a new one started. Small enough that sled keeps
 /// a record inline in its log (it moves values over ~128 KiB with their node to blob files,
 /// each an extra file to sync), large enough that a busy commit is a few inserts.
 pub const RECORD_BODY_BYTES: usize = 7 * 1024;
-
-/// What a job asks of Zoom. A content job of a message named by `ref` is a send until
-/// Zoom has given the message its id, an edit after (decided at claim, see `delivery.rs`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobOp {
-    /// New content of the message: an edit, or the send of a message named by `ref`.
-    #[default]
-    Content,
-    /// The message's deletion; its body holds the delete call's parameters.
-    Delete,
-}
-
-/// Metadata of a pending or in-flight job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobHeader {
-    /// The message's name in the index: Zoom's message id, or for a message named by a
-    /// producer's `ref` the name `refs::ref_name` builds (never a valid message id).
-    pub message_id: String,
-    pub account_id: String,
-    /// When the job was created: its place in line (unix ms).
-    pub enqueued_ms: u64,
-    /// Failed attempts so far.
-    pub attempts: u32,
-    /// Not before this time (unix ms); 0 means now.
-    pub next_attempt_ms: u64,
-    /// When the first failed attempt happened, if any (unix ms).
-    pub first_failure_ms: Option<u64>,
-    /// Dead letters written before there were other operations have none: content.
-    #[serde(default)]
-    pub op: JobOp,
-}
 
 /// A job that can never succeed, kept for an operator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +83,16 @@ pub enum StoreError {
     Reopening,
     #[error("corrupt record under key {key}: {detail}")]
     Corrupt { key: String, detail: String },
+}
+
+impl From<Malformed> for StoreError {
+    fn from(malformed: Malformed) -> StoreError {
+        corrupt(
+            HEADERS,
+            malformed.record,
+            "truncated or malformed entry header",
+        )
+    }
 }
 
 pub const HEADERS: u8 = b'h';
