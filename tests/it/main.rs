@@ -7,6 +7,7 @@ mod config_errors;
 mod crash;
 mod crash_lifecycle;
 mod delivery;
+mod demo;
 mod faults;
 mod ingest;
 mod lifecycle;
