@@ -18,6 +18,9 @@
 //!
 //! **Invariant:** `pending`, `in_flight` and the sizes of the sets above always agree; the tests
 //! check it after every step.
+//!
+//! This file holds the types and the transitions; `state_lines.rs` the per-account lines and
+//! their announcements, `state_queries.rs` the read-only questions and the tests' check.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -212,29 +215,6 @@ impl State {
     pub fn next_seq(&self) -> u64 {
         self.next_seq
     }
-    /// Accounts with any pending or in-flight job.
-    pub fn accounts(&self) -> usize {
-        // Lines kept only for the dispatcher's ring (no message names them) do not count.
-        self.lines.iter().flatten().filter(|l| l.slots > 0).count()
-    }
-
-    /// The `n` accounts with the most ready jobs, largest first.
-    pub fn top_accounts(&self, n: usize) -> Vec<(Arc<str>, usize)> {
-        let mut all: Vec<(Arc<str>, usize)> = self
-            .lines
-            .iter()
-            .flatten()
-            .filter(|line| line.slots > 0)
-            .map(|line| (line.name.clone(), line.ready.len()))
-            .collect();
-        if all.len() > n {
-            all.select_nth_unstable_by(n, |a, b| b.1.cmp(&a.1));
-            all.truncate(n);
-        }
-        all.sort_by_key(|entry| std::cmp::Reverse(entry.1));
-        all
-    }
-
     // ---- slots ----
 
     fn slot(&self, n: u32) -> &Slot {
@@ -308,69 +288,6 @@ impl State {
         self.release_line(slot.account);
     }
 
-    // ---- accounts ----
-
-    fn line(&self, n: u32) -> &AccountLine {
-        self.lines[n as usize].as_ref().expect("live account line")
-    }
-
-    fn line_mut(&mut self, n: u32) -> &mut AccountLine {
-        self.lines[n as usize].as_mut().expect("live account line")
-    }
-
-    fn line_id(&mut self, account: &str) -> u32 {
-        if let Some(&n) = self.line_of.get(account) {
-            return n;
-        }
-        let name: Arc<str> = Arc::from(account);
-        let line = AccountLine {
-            name: name.clone(),
-            ..AccountLine::default()
-        };
-        let n = match self.free_lines.pop() {
-            Some(n) => {
-                self.lines[n as usize] = Some(line);
-                n
-            }
-            None => {
-                self.lines.push(Some(line));
-                (self.lines.len() - 1) as u32
-            }
-        };
-        self.line_of.insert(name, n);
-        n
-    }
-
-    fn drop_line(&mut self, n: u32) {
-        if let Some(line) = self.lines[n as usize].take() {
-            self.line_of.remove(&line.name);
-            self.free_lines.push(n);
-        }
-    }
-
-    // ---- queries ----
-
-    /// The pending job of a message, if any.
-    pub fn pending_of(&self, message: &str) -> Option<u64> {
-        let slot = self.slot(self.find_str(message)?);
-        slot.pending.is_some().then_some(slot.pending.seq)
-    }
-    /// The in-flight job of a message, if any.
-    pub fn in_flight_of(&self, message: &str) -> Option<u64> {
-        let slot = self.slot(self.find_str(message)?);
-        (slot.in_flight != 0).then_some(slot.in_flight)
-    }
-    /// The pending and in-flight job ids of the message known by `key` (0: none).
-    pub fn jobs_of_key(&self, key: MessageKey) -> (u64, u64) {
-        match self.find(key) {
-            Some(n) => {
-                let slot = self.slot(n);
-                (slot.pending.seq, slot.in_flight)
-            }
-            None => (0, 0),
-        }
-    }
-
     /// Drops the message's pending job (a delete cancelled it before it was ever sent):
     /// returns its id and where its entry is, to retire it.
     pub fn drop_pending(&mut self, key: MessageKey) -> Option<(u64, Option<Loc>)> {
@@ -388,40 +305,6 @@ impl State {
             self.remove_slot(n);
         }
         Some((pending.seq, loc))
-    }
-
-    /// Whether the message's pending job `seq` is waiting for a retry time.
-    pub fn is_waiting(&self, message: &str, seq: u64) -> bool {
-        self.find_str(message).is_some_and(|n| {
-            let p = self.slot(n).pending;
-            p.is_some() && p.seq == seq && self.delayed.contains_key(&(self.retry(&p).due_ms, seq))
-        })
-    }
-
-    /// Whether the message's pending job holds content that already failed once (so that a
-    /// newer edit replacing it supersedes an edit waiting for its retry).
-    pub fn pending_failed(&self, message: &str) -> bool {
-        self.find_str(message).is_some_and(|n| {
-            let p = self.slot(n).pending;
-            p.is_some() && self.retry(&p).failed
-        })
-    }
-
-    /// Whether a new edit of `message` would add a pending job (rather than coalesce).
-    pub fn would_add(&self, message: &str) -> bool {
-        self.pending_of(message).is_none()
-    }
-
-    /// The pending job of `message`: its id, retry time and stored state.
-    pub fn pending_job(&self, message: &str) -> Option<(u64, u64, Stored)> {
-        let pending = self.slot(self.find_str(message)?).pending;
-        pending.is_some().then(|| {
-            (
-                pending.seq,
-                self.retry(&pending).due_ms,
-                self.stored(&pending),
-            )
-        })
     }
 
     /// Records where the pending job of `message` is now stored; returns where it was.
@@ -531,12 +414,6 @@ impl State {
         }
     }
 
-    /// The oldest ready job of `account`, without claiming it.
-    pub fn peek_ready(&self, account: &str) -> Option<u64> {
-        let &line = self.line_of.get(account)?;
-        self.line(line).ready.keys().next().copied()
-    }
-
     /// Takes the oldest ready job of `account`, marking it in flight.
     pub fn claim(&mut self, account: &str) -> Option<Claim> {
         let &line_id = self.line_of.get(account)?;
@@ -597,15 +474,6 @@ impl State {
         Finished { announce }
     }
 
-    /// Whether the message's in-flight job is `seq` and a newer pending job would supersede
-    /// it if it were put back.
-    pub fn would_supersede(&self, message: &str, seq: u64) -> bool {
-        self.find_str(message).is_some_and(|n| {
-            let slot = self.slot(n);
-            slot.in_flight == seq && slot.pending.is_some()
-        })
-    }
-
     /// The in-flight job `seq` goes back to pending, due at `due_ms` (`failed`: its content
     /// was sent and failed) with its stored state now `stored`, unless the message has a newer
     /// pending job: then it is superseded and finished instead. `None` when `seq` is not the
@@ -656,11 +524,6 @@ impl State {
             superseded: false,
             announce,
         })
-    }
-
-    /// The earliest retry time of a delayed job.
-    pub fn next_due_ms(&self) -> Option<u64> {
-        self.delayed.keys().next().map(|(due, _)| *due)
     }
 
     /// Moves every delayed job due by `now_ms` to its account's ready line. Returns the
@@ -747,76 +610,12 @@ impl State {
             }
         }
     }
-
-    fn make_ready(&mut self, line_id: u32, seq: u64, n: u32) -> Option<Arc<str>> {
-        let line = self.line_mut(line_id);
-        line.ready.insert(seq, n);
-        if line.announced {
-            None
-        } else {
-            line.announced = true;
-            Some(line.name.clone())
-        }
-    }
-
-    /// One slot less names account line `n`; the line is forgotten once none does, so memory
-    /// follows the accounts with work, not every account ever seen.
-    fn release_line(&mut self, n: u32) {
-        let line = self.line_mut(n);
-        line.slots -= 1;
-        // A line the dispatcher still holds in its ring (announced) stays until a claim
-        // finds it empty; dropping it now would announce the account twice if it got work
-        // again meanwhile.
-        if line.slots == 0 && !line.announced {
-            debug_assert!(line.ready.is_empty());
-            self.drop_line(n);
-        }
-    }
-
-    /// Checks the counters against the structure (tests only; O(n)).
-    #[cfg(test)]
-    pub fn check(&self) {
-        let live = self.slots.live();
-        let pending = live.iter().filter(|(_, s)| s.pending.is_some()).count() as u64;
-        let in_flight = live.iter().filter(|(_, s)| s.in_flight != 0).count() as u64;
-        assert_eq!(pending, self.pending);
-        assert_eq!(in_flight, self.in_flight);
-        let ready: usize = self.lines.iter().flatten().map(|l| l.ready.len()).sum();
-        let blocked = live
-            .iter()
-            .filter(|(_, s)| s.pending.is_some() && s.in_flight != 0)
-            .count();
-        assert_eq!(ready + self.delayed.len(), pending as usize - blocked);
-        for (_, slot) in &live {
-            assert!(slot.pending.is_some() || slot.in_flight != 0);
-        }
-        let pending_seqs: std::collections::HashSet<u64> = live
-            .iter()
-            .filter(|(_, s)| s.pending.is_some())
-            .map(|(_, s)| s.pending.seq)
-            .collect();
-        for seq in self.retries.keys() {
-            assert!(
-                pending_seqs.contains(seq),
-                "retry state of job {seq} outlives it"
-            );
-        }
-        for (id, line) in self.lines.iter().enumerate() {
-            let Some(line) = line else { continue };
-            let naming = live
-                .iter()
-                .filter(|(_, s)| s.account as usize == id)
-                .count();
-            assert_eq!(line.slots, naming, "slot count of {}", line.name);
-            assert!(
-                line.slots > 0 || line.announced,
-                "idle line of {} kept",
-                line.name
-            );
-            assert_eq!(self.line_of.get(&line.name), Some(&(id as u32)));
-        }
-    }
 }
+
+#[path = "state_lines.rs"]
+mod lines;
+#[path = "state_queries.rs"]
+mod queries;
 
 #[cfg(test)]
 #[path = "state_tests.rs"]
