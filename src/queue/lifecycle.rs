@@ -412,7 +412,12 @@ impl Queue {
     /// Forgets messages last used more than `storage.ref_retention` ago (a few at a time; the
     /// dispatcher calls this every minute). One with a job or a dead letter stays.
     pub fn expire_refs(&self) -> usize {
-        let cutoff = now_ms().saturating_sub(self.shared.storage.ref_retention.as_millis() as u64);
+        self.expire_refs_at(now_ms())
+    }
+
+    /// [`Queue::expire_refs`] as of `now` (unix ms).
+    pub(super) fn expire_refs_at(&self, now: u64) -> usize {
+        let cutoff = now.saturating_sub(self.shared.storage.ref_retention.as_millis() as u64);
         let mut core = self.shared.lock();
         let mut forgotten = 0;
         for key in core.refs.expired(cutoff, 10_000) {
@@ -422,7 +427,7 @@ impl Queue {
                 || core.refs.get(key).is_some_and(|r| r.held.is_some());
             if busy {
                 // Still in use: counts as used now.
-                core.refs.update(key, |r| r.last_used_ms = now_ms());
+                core.refs.update(key, |r| r.last_used_ms = now);
                 continue;
             }
             let message_key = core
