@@ -548,8 +548,8 @@ mod ledger_tests;
 #[cfg(test)]
 mod lifecycle_tests;
 #[cfg(test)]
-mod retention_tests;
-#[cfg(test)]
 mod model_tests;
+#[cfg(test)]
+mod retention_tests;
 #[cfg(test)]
 mod tests;
