@@ -56,6 +56,13 @@ pub struct SandboxArgs {
     /// Share of requests (sends, edits, deletes) answered by resetting the connection.
     #[arg(long, default_value_t = 0.0)]
     pub fault_reset: f64,
+    /// Share of requests applied (a send posts its message) and then answered by resetting the
+    /// connection: the client cannot know it worked. Test a bot's handling of duplicates.
+    #[arg(long, default_value_t = 0.0)]
+    pub fault_reset_after_apply: f64,
+    /// Share of requests applied and then answered 500, 502 or 504.
+    #[arg(long, default_value_t = 0.0)]
+    pub fault_5xx_after_apply: f64,
     /// Share of requests (sends, edits, deletes) answered slowly (100-500 ms).
     #[arg(long, default_value_t = 0.0)]
     pub fault_slow: f64,
@@ -108,6 +115,8 @@ pub async fn run_sandbox(args: SandboxArgs) -> anyhow::Result<()> {
             reset: args.fault_reset,
             slow: args.fault_slow,
             spurious_429: args.fault_429,
+            reset_after_apply: args.fault_reset_after_apply,
+            error_5xx_after_apply: args.fault_5xx_after_apply,
             ..Faults::default()
         },
         ..SandboxConfig::default()
