@@ -338,14 +338,10 @@ impl Dispatcher {
     /// Sends a claimed job, unless it is a send whose earlier attempt's outcome is unknown
     /// and `delivery.send_in_doubt` says not to risk a duplicate.
     fn start(&mut self, job: Job, granted: Instant, permit: tokio::sync::OwnedSemaphorePermit) {
-        if job.in_doubt {
-            let detail = "an earlier attempt's outcome is unknown (the daemon stopped, or the \
-                          answer was lost)";
-            if self.settings.send_in_doubt == crate::config::SendInDoubt::Dead {
-                self.send_in_doubt(job, detail);
-                return;
-            }
-            self.send_in_doubt(job.clone(), detail);
+        let detail = "an earlier attempt's outcome is unknown (the daemon stopped, or the \
+                      answer was lost)";
+        if job.in_doubt && self.send_in_doubt(&job, detail) {
+            return;
         }
         self.spawn_request(job, granted, permit);
     }

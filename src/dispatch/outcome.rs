@@ -81,8 +81,9 @@ impl Dispatcher {
                 let is_send = matches!(job.call, Call::Send { .. });
                 if is_send && in_doubt {
                     job.outcome_unknown = true;
+                    // With "retry" it is counted when it is claimed again (as after a restart).
                     if self.settings.send_in_doubt == SendInDoubt::Dead {
-                        self.send_in_doubt(job, &detail);
+                        self.send_in_doubt(&job, &detail);
                         return;
                     }
                 }
@@ -162,8 +163,8 @@ impl Dispatcher {
 
     /// A send that may already have posted its message, about to be sent (again): with
     /// `delivery.send_in_doubt = "dead"` it goes to the dead letters instead (its ref held
-    /// with it); with `"retry"` it is sent, and counted.
-    pub(super) fn send_in_doubt(&mut self, job: Job, detail: &str) {
+    /// with it) and this returns true; with `"retry"` it is counted, and is to be sent.
+    pub(super) fn send_in_doubt(&mut self, job: &Job, detail: &str) -> bool {
         if self.settings.send_in_doubt == SendInDoubt::Dead {
             self.metrics
                 .sends_in_doubt
@@ -178,7 +179,8 @@ impl Dispatcher {
                 zoom_code: None,
                 detail: format!("Zoom may or may not have posted the message: {detail}"),
             };
-            self.finish(self.queue.dead_letter(&job, info));
+            self.finish(self.queue.dead_letter(job, info));
+            true
         } else {
             self.metrics
                 .sends_in_doubt
@@ -187,6 +189,7 @@ impl Dispatcher {
             tracing::warn!(job_id = job.seq, message = %queue::describe(&job.header.message_id),
                 account = %job.header.account_id, %detail,
                 "sending again a message whose earlier send may have been posted (delivery.send_in_doubt = \"retry\")");
+            false
         }
     }
 
