@@ -34,7 +34,7 @@ use crate::queue::{EnqueueError, Queue};
 /// The answer to a request the queue refused.
 fn refused(error: EnqueueError) -> ProtocolError {
     let code = match &error {
-        EnqueueError::Full(_) => ErrorCode::QueueFull,
+        EnqueueError::Full(_) | EnqueueError::TooManyRefs(_) => ErrorCode::QueueFull,
         EnqueueError::Unavailable(_) => ErrorCode::Unavailable,
         EnqueueError::NotFound(_) => ErrorCode::NotFound,
         EnqueueError::Gone(_) => ErrorCode::Gone,

@@ -340,7 +340,10 @@ impl Dispatcher {
     fn start(&mut self, job: Job, granted: Instant, permit: tokio::sync::OwnedSemaphorePermit) {
         let detail = "an earlier attempt's outcome is unknown (the daemon stopped, or the \
                       answer was lost)";
-        if job.in_doubt && self.send_in_doubt(&job, detail) {
+        if job.in_doubt
+            && (self.settings.send_in_doubt == crate::config::SendInDoubt::Dead || job.doubt_new)
+            && self.send_in_doubt(&job, detail)
+        {
             return;
         }
         self.spawn_request(job, granted, permit);

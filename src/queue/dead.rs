@@ -4,35 +4,75 @@
 
 use super::refs::ref_of;
 use super::store::JobOp;
-use super::store::{del_ref, key, put_ref, EntryRef, Op, DEAD, DEAD_BODY};
+use super::store::{del_ref, put_ref, EntryRef};
 use super::{now_ms, wait, Core, DeadOutcome, DeadRecord, JobHeader, Queue, StoreError};
 use crate::protocol::{DeadLetter, Selector};
 
+/// What becomes of a dead letter an operator put back.
+enum Back {
+    /// Back in line.
+    Restore,
+    /// Dropped: newer content of its message is pending or in flight, or was delivered, or
+    /// the message was deleted since.
+    Superseded,
+}
+
 impl Core {
-    /// Releases the ref or deleted message held by dead letter `seq`, if any: after a retry
-    /// it is live again (no longer in doubt); after a purge a ref never sent is forgotten.
-    fn release_hold(&mut self, seq: u64, name: &str, purged: bool) {
+    /// The dead letter `seq` of `name` is being retried or purged: the message's record
+    /// forgets it (and, if it held the message, the hold ends: pending content takes its
+    /// place in line). After a purge, a ref whose send it was is forgotten altogether with
+    /// any content waiting for it. Returns the account that just got ready work.
+    fn let_go(&mut self, seq: u64, name: &str, purged: bool) -> Option<std::sync::Arc<str>> {
         let key = self.state.key(name);
-        let Some(record) = self.refs.get(key) else {
-            return;
-        };
-        if record.held.as_ref().is_none_or(|h| h.seq != seq) {
-            return;
-        }
-        if purged && record.message_id.is_none() && !record.deleted {
+        let record = self.refs.get(key)?.clone();
+        let held = record.held.as_ref().is_some_and(|h| h.seq == seq);
+        let now = now_ms();
+        if held && purged && record.message_id.is_none() && !record.deleted {
+            // Its content waiting out of line goes with it.
+            if let Some((seq, loc)) = self.state.drop_pending(key) {
+                if let Some(loc) = loc {
+                    self.ledger.done(loc);
+                }
+                self.overlay.remove(&seq);
+            }
+            self.state.release(key, now);
             if let Some(record) = self.refs.remove(key, None) {
                 self.ops.push(del_ref(&record.name));
             }
-            return;
+            return None;
         }
         let released = self.refs.update(key, |r| {
-            r.held = None;
-            r.in_doubt = false;
-            r.last_used_ms = now_ms();
+            r.dead_letters = r.dead_letters.saturating_sub(1);
+            r.last_used_ms = now;
+            if held {
+                r.held = None;
+                // The operator decided: a send in doubt goes out again knowing it may be a
+                // duplicate.
+                r.in_doubt = false;
+                r.doubt_counted = false;
+            }
         });
         if let Some(released) = released {
             let op = put_ref(released);
             self.ops.push(op);
+        }
+        held.then(|| self.state.release(key, now).announce)
+            .flatten()
+    }
+
+    /// Whether a retried dead letter still has something to say (see [`Back`]).
+    fn back(&self, seq: u64, record: &DeadRecord) -> Back {
+        let name = &record.header.message_id;
+        let key = self.state.key(name);
+        let (pending, in_flight) = self.state.jobs_of_key(key);
+        let remembered = self.refs.get(key);
+        let deleted_since =
+            record.header.op == JobOp::Content && remembered.is_some_and(|r| r.deleted);
+        let delivered_since = remembered.is_some_and(|r| r.delivered_seq > seq);
+        if pending != 0 || in_flight > seq || deleted_since || delivered_since {
+            Back::Superseded
+        } else {
+            Back::Restore
         }
     }
 }
@@ -62,16 +102,20 @@ impl Queue {
                         .unwrap_or_default(),
                     None => name.clone(),
                 };
-                let op = match record.header.op {
-                    JobOp::Delete => "delete",
-                    JobOp::Content if reference.is_some() && message_id.is_empty() => "send",
-                    JobOp::Content => "edit",
-                };
+                // Written with the dead letter; guessed for those written before it was.
+                let op = record.call.clone().unwrap_or_else(|| {
+                    match record.header.op {
+                        JobOp::Delete => "delete",
+                        JobOp::Content if reference.is_some() && message_id.is_empty() => "send",
+                        JobOp::Content => "edit",
+                    }
+                    .to_string()
+                });
                 DeadLetter {
                     job_id: seq.to_string(),
                     message_id,
                     reference,
-                    op: op.to_string(),
+                    op,
                     account_id: record.header.account_id,
                     reason: record.reason,
                     status: record.status,
@@ -102,11 +146,15 @@ impl Queue {
         // A dead letter is older than any job its message got since, but recovery takes
         // whatever arrives while it runs for newer than anything stored: wait for it to end.
         self.recovered().await;
+        if let Some(failure) = self.shared.lock().recovery_failure.clone() {
+            return Err(failure);
+        }
         let _serial = self.shared.dead_ops.lock().await;
         self.settled().await?;
         let records = self.select_dead(selector)?;
-        // Bodies are read before taking the queue's lock (they are only ever deleted by these
-        // serialized commands, so they cannot go away meanwhile).
+        // Bodies are read before taking the queue's lock: a dead letter's body is written once
+        // and never changed, and only these serialized commands and a delete's cancel (which
+        // the `remove_dead` below notices) delete it.
         let store = self.shared.store().map_err(|e| e.to_string())?;
         let mut bodies = Vec::with_capacity(records.len());
         for (seq, _) in &records {
@@ -117,24 +165,24 @@ impl Queue {
             let mut core = self.shared.lock();
             let now = now_ms();
             for ((seq, record), body) in records.into_iter().zip(bodies) {
+                // A delete may have cancelled it (or another command taken it) meanwhile.
+                if !core.remove_dead(seq) {
+                    continue;
+                }
                 let message = &record.header.message_id;
-                core.ops.push(Op::Del(key(DEAD, seq)));
-                core.ops.push(Op::Del(key(DEAD_BODY, seq)));
-                core.dead -= 1;
+                // Decided before the hold ends: content waiting for a held send is newer
+                // than the send's dead letter, and goes out as the send instead.
+                let back = core.back(seq, &record);
+                let announce = core.let_go(seq, message, false);
+                self.shared.announce(announce);
                 let Some((updated_ms, body)) = body else {
                     tracing::error!(job_id = seq, "dead letter without a body; dropped");
                     continue;
                 };
-                // A newer job of the message, pending or in flight, wins: sent after it, the
-                // dead letter would take back newer content.
-                let newer_in_flight = core.state.in_flight_of(message).is_some_and(|s| s > seq);
-                if core.state.pending_of(message).is_some() || newer_in_flight {
+                if let Back::Superseded = back {
                     outcome.superseded += 1;
                     continue;
                 }
-                // A held ref is released: the operator chose to send it again, knowing that
-                // a send whose outcome was unknown may post the message twice.
-                core.release_hold(seq, message, false);
                 // Back in line with a clean retry state.
                 let header = JobHeader {
                     attempts: 0,
@@ -174,19 +222,23 @@ impl Queue {
         let records = self.select_dead(selector)?;
         let commit = {
             let mut core = self.shared.lock();
+            let mut purged = 0;
             for (seq, record) in &records {
+                if !core.remove_dead(*seq) {
+                    continue; // gone meanwhile
+                }
                 // A ref held by its send is forgotten with it (the ref is free again); one
                 // held by its delete stays deleted.
-                core.release_hold(*seq, &record.header.message_id, true);
-                core.ops.push(Op::Del(key(DEAD, *seq)));
-                core.ops.push(Op::Del(key(DEAD_BODY, *seq)));
-                core.dead -= 1;
+                let announce = core.let_go(*seq, &record.header.message_id, true);
+                self.shared.announce(announce);
+                purged += 1;
             }
-            self.shared.commit_locked(core)
+            (self.shared.commit_locked(core), purged)
         };
+        let (commit, purged) = commit;
         wait(commit).await?;
         Ok(DeadOutcome {
-            affected: records.len() as u64,
+            affected: purged,
             superseded: 0,
         })
     }

@@ -7,7 +7,7 @@
 //! older edit of a message after a newer one.
 
 use super::refs::ref_of;
-use super::store::{put_dead_body, put_ref, JobOp, StoreError};
+use super::store::{put_ref, JobOp, StoreError};
 use super::{now_ms, Call, Core, Job, Queue};
 
 /// A send's body: the content job's edit-shaped body (robot_jid, account_id, content,
@@ -124,6 +124,7 @@ impl Queue {
                     more: claim.more,
                     marked_batch: None,
                     in_doubt: false,
+                    doubt_new: false,
                     outcome_unknown: false,
                     loc,
                     key: claim.message,
@@ -195,7 +196,11 @@ impl Queue {
             (JobOp::Delete, Some(message_id)) => job.call = Call::Delete { message_id },
             (JobOp::Delete, None) => {
                 // Its send failed and went back in line, and then this delete replaced it:
-                // Zoom never hears of the message.
+                // Zoom never hears of the message (unless that send's outcome was unknown).
+                if record.in_doubt {
+                    tracing::warn!(job_id = job.seq, message = %super::describe(&name),
+                        "deleted before its send was confirmed; an earlier attempt may have posted it");
+                }
                 self.skip(core, &job);
                 self.shared.metrics.sends_cancelled.inc();
                 let done = core.refs.update(job.key, |r| {
@@ -209,11 +214,21 @@ impl Queue {
                 return Claimed::Skipped { more: job.more };
             }
             (JobOp::Content, None) => {
-                if let Some(held) = &record.held {
-                    // Waits with its send in the dead letters.
-                    core.ops
-                        .push(put_dead_body(held.seq, job.updated_ms, &job.body));
-                    self.skip(core, &job);
+                if record.held.is_some() {
+                    // A held message's content waits out of line (see `outcome.rs`); this
+                    // one got into line anyway: back, and out of line.
+                    tracing::error!(
+                        job_id = job.seq,
+                        "content of a held message was claimed; held again"
+                    );
+                    let entry =
+                        super::EntryRef::new(job.seq, &job.header, job.updated_ms, &job.body);
+                    let now = now_ms();
+                    core.state
+                        .requeue_key(job.key, job.seq, 0, now, false, entry.stored(job.loc));
+                    if let Some(account) = super::refs::account_of(&name) {
+                        core.state.hold(job.key, account);
+                    }
                     return Claimed::Skipped { more: job.more };
                 }
                 let Some(params) = &record.send else {
@@ -228,9 +243,13 @@ impl Queue {
                     body: send_body(&job.body, params),
                 };
                 job.in_doubt = record.in_doubt;
+                job.doubt_new = record.in_doubt && !record.doubt_counted;
                 // Recorded before the request leaves (the dispatcher waits for this batch):
                 // after a crash, a send that may have reached Zoom is known as one.
-                let marked = core.refs.update(job.key, |r| r.in_doubt = true);
+                let marked = core.refs.update(job.key, |r| {
+                    r.doubt_counted |= r.in_doubt;
+                    r.in_doubt = true;
+                });
                 if let Some(marked) = marked {
                     core.ops.push(put_ref(marked));
                 }
@@ -243,11 +262,15 @@ impl Queue {
         Claimed::Job(job)
     }
 
-    /// Finishes a claimed job that needs no request.
+    /// Finishes a claimed job that needs no request, and has its writes committed soon
+    /// (nothing else may be on its way to the writer).
     fn skip(&self, core: &mut Core, job: &Job) {
         let finished = core.state.finish_key(job.key, job.seq, now_ms());
         core.ledger.done(job.loc);
         self.shared.announce(finished.announce);
+        if core.writer_waiting {
+            self.shared.writer_wake.notify_one();
+        }
     }
 
     /// Resolves after the next successful group commit.

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use super::refs::{ref_name, ref_of, RefRecord, SendParams};
 use super::state::{self, MessageKey};
-use super::store::{self, key, put_dead_body, put_ref, EntryRef, JobOp, Op, DEAD, DEAD_BODY};
+use super::store::{self, put_ref, EntryRef, JobOp};
 use super::{now_ms, Commit, Core, EnqueueError, Enqueued, Queue};
 use crate::protocol::{Delete, Edit, MessageState, MessageStatus, Send, StatusQuery, Target};
 
@@ -136,16 +136,6 @@ impl Core {
         }
         Ok((seq, coalesced))
     }
-
-    /// New content for a ref whose send is a dead letter: it replaces the dead letter's
-    /// content and waits with it.
-    fn join_held(&mut self, seq: u64, body: &[u8], now: u64) -> Enqueued {
-        self.ops.push(put_dead_body(seq, now, body));
-        Enqueued {
-            job_id: seq,
-            coalesced: true,
-        }
-    }
 }
 
 fn gone(named: &Named) -> EnqueueError {
@@ -163,8 +153,20 @@ pub fn describe(name: &str) -> String {
     }
 }
 
+impl Core {
+    /// Refuses a new remembered message beyond `storage.max_refs`.
+    fn room_for_ref(&self, shared: &super::Shared) -> Result<(), EnqueueError> {
+        let max = shared.storage.max_refs;
+        if self.refs.len() as u64 >= max {
+            return Err(EnqueueError::TooManyRefs(max));
+        }
+        Ok(())
+    }
+}
+
 impl Queue {
     /// Makes one edit durable, coalescing it with the message's pending job if there is one.
+    /// Content for a held message is accepted and waits with it (see `outcome.rs`).
     pub async fn enqueue(&self, edit: &Edit) -> Result<Enqueued, EnqueueError> {
         let now = now_ms();
         let body = edit.zoom_body();
@@ -176,25 +178,20 @@ impl Queue {
             if record.is_some_and(|r| r.deleted) {
                 return Err(gone(&named));
             }
-            if let Some(held) = record.and_then(|r| r.held.clone()) {
-                let enqueued = core.join_held(held.seq, &body, now);
-                (enqueued, self.shared.commit_locked(core))
-            } else {
-                if named.by_ref && record.is_none() {
-                    return Err(not_found(&edit.target));
-                }
-                let (job_id, coalesced) = core.place_job(
-                    &self.shared,
-                    &named.name,
-                    &edit.account_id,
-                    JobOp::Content,
-                    &body,
-                    now,
-                )?;
-                core.refs.update(named.key, |r| r.last_used_ms = now);
-                let enqueued = Enqueued { job_id, coalesced };
-                (enqueued, self.shared.commit_locked(core))
+            if named.by_ref && record.is_none() {
+                return Err(not_found(&edit.target));
             }
+            let (job_id, coalesced) = core.place_job(
+                &self.shared,
+                &named.name,
+                &edit.account_id,
+                JobOp::Content,
+                &body,
+                now,
+            )?;
+            core.refs.update(named.key, |r| r.last_used_ms = now);
+            let enqueued = Enqueued { job_id, coalesced };
+            (enqueued, self.shared.commit_locked(core))
         };
         self.accepted(commit, "edit").await?;
         if enqueued.coalesced {
@@ -230,30 +227,29 @@ impl Queue {
             if record.as_ref().is_some_and(|r| r.deleted) {
                 return Err(gone(&named));
             }
-            if let Some(held) = record.as_ref().and_then(|r| r.held.clone()) {
-                let enqueued = core.join_held(held.seq, &body, now);
-                (enqueued, self.shared.commit_locked(core))
-            } else {
-                let (job_id, coalesced) = core.place_job(
-                    &self.shared,
-                    &named.name,
-                    &send.account_id,
-                    JobOp::Content,
-                    &body,
-                    now,
-                )?;
-                let (_, in_flight) = core.state.jobs_of_key(named.key);
-                let mut record = record.unwrap_or_else(|| RefRecord::new(named.name.clone(), now));
-                record.last_used_ms = now;
-                // Until a send was attempted, the latest send says where the message goes.
-                if record.message_id.is_none() && !record.in_doubt && in_flight == 0 {
-                    record.send = Some(params);
-                }
-                core.ops.push(put_ref(&record));
-                core.refs.put(named.key, record, None);
-                let enqueued = Enqueued { job_id, coalesced };
-                (enqueued, self.shared.commit_locked(core))
+            if record.is_none() {
+                core.room_for_ref(&self.shared)?;
             }
+            let (job_id, coalesced) = core.place_job(
+                &self.shared,
+                &named.name,
+                &send.account_id,
+                JobOp::Content,
+                &body,
+                now,
+            )?;
+            let (_, in_flight) = core.state.jobs_of_key(named.key);
+            let mut record = record.unwrap_or_else(|| RefRecord::new(named.name.clone(), now));
+            record.last_used_ms = now;
+            // Until a send may have reached Zoom, the latest send says where the message goes
+            // (also after Zoom refused one: a corrected `to_jid` is what a retry needs).
+            if record.message_id.is_none() && !record.in_doubt && in_flight == 0 {
+                record.send = Some(params);
+            }
+            core.ops.push(put_ref(&record));
+            core.refs.put(named.key, record, None);
+            let enqueued = Enqueued { job_id, coalesced };
+            (enqueued, self.shared.commit_locked(core))
         };
         self.accepted(commit, "send").await?;
         if enqueued.coalesced {
@@ -263,7 +259,8 @@ impl Queue {
     }
 
     /// Makes a delete durable: it replaces the message's pending content, or cancels a send
-    /// never attempted.
+    /// never attempted (or held as a dead letter). The deletion is remembered in the same
+    /// batch, so that it refuses later content at once, also after a restart.
     pub async fn delete(&self, delete: &Delete) -> Result<Deleted, EnqueueError> {
         let now = now_ms();
         #[derive(serde::Serialize)]
@@ -290,9 +287,13 @@ impl Queue {
             if named.by_ref && record.is_none() {
                 return Err(not_found(&delete.target));
             }
+            if record.is_none() {
+                core.room_for_ref(&self.shared)?;
+            }
             let (_, in_flight) = core.state.jobs_of_key(named.key);
             let unsent = record.as_ref().is_some_and(|r| r.message_id.is_none());
-            let deleted = if let Some(mut record) = record.filter(|_| unsent && in_flight == 0) {
+            let mut record = record.unwrap_or_else(|| RefRecord::new(named.name.clone(), now));
+            let deleted = if unsent && in_flight == 0 {
                 // Never sent and nothing on its way: Zoom never hears of this message. (A send
                 // whose outcome was unknown may have posted it; nothing can name that one.)
                 if let Some((seq, loc)) = core.state.drop_pending(named.key) {
@@ -300,22 +301,20 @@ impl Queue {
                         core.ledger.done(loc);
                     }
                     core.overlay.remove(&seq);
-                    self.shared.metrics.edits_superseded.inc();
                 }
                 if let Some(held) = record.held.take() {
-                    core.ops.push(Op::Del(key(DEAD, held.seq)));
-                    core.ops.push(Op::Del(key(DEAD_BODY, held.seq)));
-                    core.dead -= 1;
+                    if core.remove_dead(held.seq) {
+                        record.dead_letters = record.dead_letters.saturating_sub(1);
+                    }
+                    let released = core.state.release(named.key, now);
+                    self.shared.announce(released.announce);
                 }
                 if record.in_doubt {
                     tracing::warn!(message = %describe(&named.name),
                         "deleted before its send was confirmed; an earlier attempt may have posted it");
                 }
-                record.deleted = true;
+                self.shared.metrics.sends_cancelled.inc();
                 record.send = None;
-                record.last_used_ms = now;
-                core.ops.push(put_ref(&record));
-                core.refs.put(named.key, record, None);
                 Deleted {
                     job_id: None,
                     cancelled: true,
@@ -329,21 +328,15 @@ impl Queue {
                     &body,
                     now,
                 )?;
-                if core.refs.get(named.key).is_none() {
-                    // A message id zoomq never sent: remembered as deleted from now on (stored
-                    // once the delete is done; until then its job says so).
-                    core.refs
-                        .put(named.key, RefRecord::new(named.name.clone(), now), None);
-                }
-                core.refs.update(named.key, |r| {
-                    r.deleted = true;
-                    r.last_used_ms = now;
-                });
                 Deleted {
                     job_id: Some(seq),
                     cancelled: false,
                 }
             };
+            record.deleted = true;
+            record.last_used_ms = now;
+            core.ops.push(put_ref(&record));
+            core.refs.put(named.key, record, None);
             (deleted, self.shared.commit_locked(core))
         };
         self.accepted(commit, "delete").await?;
@@ -356,8 +349,10 @@ impl Queue {
     pub async fn status(&self, query: &StatusQuery) -> Result<MessageStatus, EnqueueError> {
         let deadline = tokio::time::Instant::now() + query.wait.unwrap_or(Duration::ZERO);
         let mut changed = self.shared.status_changed.subscribe();
+        let mut durable = self.shared.durable_batch.subscribe();
         loop {
             changed.borrow_and_update();
+            durable.borrow_and_update();
             let status = self.status_now(query)?;
             let settled = status.message_id.is_some()
                 || matches!(
@@ -367,42 +362,57 @@ impl Queue {
             if settled || query.wait.is_none() {
                 return Ok(status);
             }
-            match tokio::time::timeout_at(deadline, changed.changed()).await {
-                Ok(Ok(())) => {}
-                _ => return self.status_now(query),
+            // A change of state, or the commit that makes a new id tellable.
+            let next = async {
+                tokio::select! {
+                    _ = changed.changed() => {}
+                    _ = durable.changed() => {}
+                }
+            };
+            if tokio::time::timeout_at(deadline, next).await.is_err() {
+                return self.status_now(query);
             }
         }
     }
 
     fn status_now(&self, query: &StatusQuery) -> Result<MessageStatus, EnqueueError> {
+        let durable = *self.shared.durable_batch.borrow();
         let core = self.shared.lock();
         let named = core.resolve(&query.target, &query.account_id, &query.robot_jid);
         let record = core.refs.get(named.key);
         let (pending, in_flight) = core.state.jobs_of_key(named.key);
-        let state = if in_flight != 0 {
+        // Zoom's id is told only once it is on disk: a crash before would make the send one
+        // in doubt again.
+        let id_durable = record.is_none_or(|r| r.id_batch <= durable);
+        let state = if in_flight != 0 || !id_durable {
             MessageState::InFlight
-        } else if pending != 0 {
-            MessageState::Pending
         } else if record.is_some_and(|r| r.held.is_some()) {
             MessageState::Dead
+        } else if pending != 0 {
+            MessageState::Pending
         } else if record.is_some_and(|r| r.deleted) {
             MessageState::Deleted
         } else if record.is_some_and(|r| r.message_id.is_some()) {
             MessageState::Sent
+        } else if record.is_some() {
+            // A ref never sent, with no job in the index: recovery has not reached its send.
+            MessageState::Pending
         } else {
             return Err(not_found(&query.target));
         };
         let job = if in_flight != 0 { in_flight } else { pending };
-        let message_id = record
-            .and_then(|r| r.message_id.clone())
-            .or(match &query.target {
-                Target::MessageId(id) => Some(id.clone()),
-                Target::Ref(_) => None,
-            });
+        let message_id = match &query.target {
+            Target::MessageId(id) => Some(id.clone()),
+            Target::Ref(_) => record
+                .filter(|_| id_durable)
+                .and_then(|r| r.message_id.clone()),
+        };
         Ok(MessageStatus {
             state,
             message_id,
-            sent_time: record.and_then(|r| r.sent_time.clone()),
+            sent_time: record
+                .filter(|_| id_durable)
+                .and_then(|r| r.sent_time.clone()),
             reason: record.and_then(|r| r.held.as_ref().map(|h| h.reason.clone())),
             job_id: (job != 0).then(|| job.to_string()),
             reference: ref_of(&named.name).map(str::to_string),
@@ -410,7 +420,9 @@ impl Queue {
     }
 
     /// Forgets messages last used more than `storage.ref_retention` ago (a few at a time; the
-    /// dispatcher calls this every minute). One with a job or a dead letter stays.
+    /// dispatcher calls this every second). One that a job or a dead letter still needs
+    /// stays, and counts as used now. Nothing is forgotten while recovery runs: the stored
+    /// jobs it has not reached yet may need any of them.
     pub fn expire_refs(&self) -> usize {
         self.expire_refs_at(now_ms())
     }
@@ -419,15 +431,25 @@ impl Queue {
     pub(super) fn expire_refs_at(&self, now: u64) -> usize {
         let cutoff = now.saturating_sub(self.shared.storage.ref_retention.as_millis() as u64);
         let mut core = self.shared.lock();
+        if core.recovering.is_some() {
+            return 0;
+        }
+        let mut changed = 0;
         let mut forgotten = 0;
         for key in core.refs.expired(cutoff, 10_000) {
             let (pending, in_flight) = core.state.jobs_of_key(key);
             let busy = pending != 0
                 || in_flight != 0
-                || core.refs.get(key).is_some_and(|r| r.held.is_some());
+                || core
+                    .refs
+                    .get(key)
+                    .is_some_and(|r| r.held.is_some() || r.dead_letters > 0);
             if busy {
-                // Still in use: counts as used now.
-                core.refs.update(key, |r| r.last_used_ms = now);
+                if let Some(kept) = core.refs.update(key, |r| r.last_used_ms = now) {
+                    let op = put_ref(kept);
+                    core.ops.push(op);
+                    changed += 1;
+                }
                 continue;
             }
             let message_key = core
@@ -440,7 +462,8 @@ impl Queue {
                 forgotten += 1;
             }
         }
-        if forgotten > 0 {
+        if forgotten + changed > 0 {
+            core.refs.shrink();
             drop(self.shared.commit_locked(core));
         }
         forgotten

@@ -84,6 +84,11 @@ pub enum EnqueueError {
     /// The message was deleted.
     #[error("{0}")]
     Gone(String),
+    #[error(
+        "zoomq remembers {0} messages by ref or as deleted (storage.max_refs); a new one is \
+         accepted once older ones are forgotten (storage.ref_retention after their last use)"
+    )]
+    TooManyRefs(u64),
 }
 
 /// Which Zoom call a claimed job makes.
@@ -119,6 +124,9 @@ pub struct Job {
     pub marked_batch: Option<u64>,
     /// A send whose earlier attempt's outcome is unknown: sending it may post it twice.
     pub in_doubt: bool,
+    /// `in_doubt`, and not yet counted or logged as such (a send put back after a 429 and
+    /// claimed again is the same doubt).
+    pub doubt_new: bool,
     /// Set by the dispatcher when this attempt's outcome is unknown (kept by `retry_later`).
     pub outcome_unknown: bool,
     /// Where its entry is stored.
@@ -208,9 +216,12 @@ type RecoverySteps = (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>
 
 struct Core {
     state: State,
+    /// The job ids of the dead letters (stored under `d` and `e`): one place decides whether
+    /// a dead letter still exists, so that concurrent operator commands and deletes count
+    /// each once.
+    dead: HashSet<u64>,
     /// What is remembered of messages beyond their jobs (see `refs.rs`).
     refs: Refs,
-    dead: u64,
     /// Records: entries appended and retired since the last commit (see `ledger.rs`).
     ledger: Ledger,
     /// Other writes not yet committed (dead letters), in the order the index changed.
@@ -296,6 +307,7 @@ impl Queue {
         let state = State::new(store.next_seq()?);
         // Remembered messages are read before anything is served (they are few next to a
         // backlog of edits: one per ref in use or message deleted lately).
+        let mut state = state;
         let mut refs = Refs::default();
         for record in store.refs() {
             let record = record?;
@@ -305,17 +317,22 @@ impl Queue {
                 .as_deref()
                 .filter(|_| refs::ref_of(&record.name).is_some())
                 .map(|id| state.key(id));
+            // A ref held by its dead letter: what recovery restores for it waits out of line.
+            if let (Some(_), Some(account)) = (&record.held, refs::account_of(&record.name)) {
+                state.hold(key, account);
+            }
             refs.put(key, record, message_key);
         }
         let ledger = Ledger::new(first_new_record);
-        let dead = store.count_dead()?;
+        let dead_seqs = store.dead_seqs()?;
+        let dead = dead_seqs.len() as u64;
         let (ready_tx, ready_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             core: Mutex::new(Core {
                 next_seq_written: state.next_seq(),
                 state,
                 refs,
-                dead,
+                dead: dead_seqs,
                 ledger,
                 ops: Vec::new(),
                 retained: Vec::new(),
@@ -388,7 +405,7 @@ impl Queue {
         QueueStats {
             pending: core.state.pending(),
             in_flight: core.state.in_flight(),
-            dead: core.dead,
+            dead: core.dead.len() as u64,
             accounts: core.state.accounts() as u64,
             refs: core.refs.len() as u64,
             storage_error: core
@@ -471,6 +488,16 @@ fn join(slot: &Mutex<Option<std::thread::JoinHandle<()>>>, name: &str) {
 }
 
 impl Core {
+    /// Deletes dead letter `seq` (both keys) if it still exists; returns whether it did.
+    fn remove_dead(&mut self, seq: u64) -> bool {
+        if !self.dead.remove(&seq) {
+            return false;
+        }
+        self.ops.push(Op::Del(store::key(store::DEAD, seq)));
+        self.ops.push(Op::Del(store::key(store::DEAD_BODY, seq)));
+        true
+    }
+
     /// Appends a job's new entry and marks the job not durable until it is committed.
     fn write_entry(&mut self, entry: &EntryRef<'_>, body: &[u8]) -> Loc {
         self.overlay.insert(entry.seq, self.batch_gen);
@@ -545,6 +572,8 @@ pub async fn wait(commit: Commit) -> Result<(), String> {
 
 #[cfg(test)]
 mod ledger_tests;
+#[cfg(test)]
+mod lifecycle_cases;
 #[cfg(test)]
 mod lifecycle_tests;
 #[cfg(test)]

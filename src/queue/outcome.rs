@@ -2,9 +2,11 @@
 //! for a retry, or dead. Each transition changes the index and appends its writes under one
 //! lock, like every change of the queue.
 //!
-//! A message named by a ref is *held* when its send (or its delete) becomes a dead letter:
-//! what arrives for it afterwards joins that dead letter instead of being sent (an edit
-//! needs the message's id, which only a send gives), until an operator retries or purges it.
+//! A remembered message is *held* when its send (or its delete) becomes a dead letter: what
+//! arrives for it afterwards is accepted and coalesced as usual but waits out of line (an
+//! edit needs the message's id, which only a send gives), until an operator retries the dead
+//! letter (the newest content goes out as the send) or purges it (the ref and its content are
+//! forgotten).
 
 use super::refs::{ref_of, Held};
 use super::state::Stored;
@@ -50,11 +52,14 @@ impl Queue {
         }
         let message_key = sent.as_ref().map(|s| core.state.key(&s.message_id));
         if let (Some(sent), Some(message_key)) = (sent, message_key) {
+            let batch = core.batch_gen;
             let record = core.refs.get(job.key).cloned().map(|mut r| {
                 r.message_id = Some(sent.message_id);
                 r.sent_time = sent.sent_time;
                 r.send = None;
                 r.in_doubt = false;
+                r.doubt_counted = false;
+                r.id_batch = batch;
                 r
             });
             if let Some(record) = record {
@@ -69,6 +74,7 @@ impl Queue {
         }
         let record = core.refs.update(job.key, |r| {
             r.last_used_ms = now;
+            r.delivered_seq = r.delivered_seq.max(job.seq);
             if job.header.op == JobOp::Delete {
                 r.deleted = true;
             }
@@ -145,26 +151,37 @@ impl Queue {
     }
 
     /// The job can never succeed (or, for a send in doubt, must not be tried again): move it
-    /// to the dead letters. A send or delete of a ref holds the ref (see the module docs).
+    /// to the dead letters. A send or a delete of a remembered message holds it (see the
+    /// module docs): its later content waits in the index, out of line, and the dead letter
+    /// itself is never rewritten.
     pub fn dead_letter(&self, job: &Job, info: DeadInfo) -> Commit {
         let mut core = self.shared.lock();
         let core_ref = &mut *core;
         let now = now_ms();
-        let finished = core_ref.state.finish_key(job.key, job.seq, now);
-        let mut body = (job.updated_ms, job.body.clone());
-        let holds = matches!(job.call, Call::Send { .. })
-            || (job.header.op == JobOp::Delete && core_ref.refs.get(job.key).is_some());
+        let remembered = core_ref.refs.get(job.key).is_some();
+        let holds =
+            remembered && (matches!(job.call, Call::Send { .. }) || job.header.op == JobOp::Delete);
+        let mut announce = None;
         if holds {
-            // Content that arrived while it was in flight waits with it (newer: it wins).
-            if let Some(pending) = self.take_pending(core_ref, job) {
-                body = pending;
-            }
+            core_ref.state.hold_in_flight(job.key, job.seq);
+        } else {
+            announce = core_ref.state.finish_key(job.key, job.seq, now).announce;
+        }
+        if remembered {
             let record = core_ref.refs.update(job.key, |r| {
-                r.held = Some(Held {
-                    seq: job.seq,
-                    reason: info.reason.to_string(),
-                });
+                r.dead_letters += 1;
                 r.last_used_ms = now;
+                if holds {
+                    r.held = Some(Held {
+                        seq: job.seq,
+                        reason: info.reason.to_string(),
+                    });
+                }
+                if info.reason == "rejected" {
+                    // Zoom refused it: whatever was sent was not applied.
+                    r.in_doubt = false;
+                    r.doubt_counted = false;
+                }
             });
             if let Some(record) = record {
                 core_ref.ops.push(put_ref(record));
@@ -178,39 +195,29 @@ impl Queue {
             status: info.status,
             zoom_code: info.zoom_code,
             detail: info.detail,
+            call: Some(call_name(&job.call).to_string()),
         };
         core_ref.ledger.done(job.loc);
         core_ref.ops.push(put_json(DEAD, job.seq, &record));
-        core_ref.ops.push(put_dead_body(job.seq, body.0, &body.1));
-        core_ref.dead += 1;
+        core_ref
+            .ops
+            .push(put_dead_body(job.seq, job.updated_ms, &job.body));
+        core_ref.dead.insert(job.seq);
         self.shared
             .metrics
             .edits_dead_lettered
             .with_label_values(&[info.reason])
             .inc();
-        self.shared.announce(finished.announce);
+        self.shared.announce(announce);
         self.shared.commit_locked(core)
     }
+}
 
-    /// Removes the message's pending content job and returns its ack time and body (read
-    /// from disk: this happens only when a send fails for good while an edit waits).
-    fn take_pending(&self, core: &mut Core, job: &Job) -> Option<(u64, Vec<u8>)> {
-        let (_, _, stored) = core.state.pending_job(&job.header.message_id)?;
-        let loc = stored.loc?;
-        let loaded = self
-            .shared
-            .store()
-            .and_then(|store| store.load(loc.record, loc.index));
-        match loaded {
-            Ok(Some(loaded)) if loaded.header.op == JobOp::Content => {
-                let (seq, _) = core.state.drop_pending(job.key)?;
-                core.overlay.remove(&seq);
-                core.ledger.done(loc);
-                Some((loaded.updated_ms, loaded.body))
-            }
-            // Not readable now (it stays pending and joins the dead letter when claimed), or
-            // a delete, which is never dropped.
-            _ => None,
-        }
+/// The name of a call, as dead letters and metrics give it.
+pub fn call_name(call: &Call) -> &'static str {
+    match call {
+        Call::Send { .. } => "send",
+        Call::Edit { .. } => "edit",
+        Call::Delete { .. } => "delete",
     }
 }

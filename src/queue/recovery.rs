@@ -146,6 +146,15 @@ pub(super) fn recover(
         // what arrived since the open is never sent ahead of what could not be read.
         tracing::error!(error = %e, "queue recovery failed; refusing new edits");
         core.recovery_failure = Some(format!("recovery failed: {e}; restart the daemon"));
+        drop(core);
+        // Whoever waits for the end of recovery learns it ended (and checks how).
+        shared.recovered.send_replace(Some(Recovery {
+            dead,
+            superseded,
+            migrated,
+            elapsed: started.elapsed(),
+            ..Recovery::default()
+        }));
         return;
     }
     if core.closing {

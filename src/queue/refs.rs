@@ -34,6 +34,15 @@ pub fn ref_of(name: &str) -> Option<&str> {
     rest.rsplit(SEP).next()
 }
 
+/// The `account_id` in a name built by [`ref_name`]; `None` for a message id.
+pub fn account_of(name: &str) -> Option<&str> {
+    let rest = name
+        .strip_prefix(SEP)?
+        .strip_prefix("ref")?
+        .strip_prefix(SEP)?;
+    rest.split(SEP).next()
+}
+
 /// How to send a message named by a ref (the rest of the request body is its content job's).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SendParams {
@@ -73,10 +82,24 @@ pub struct RefRecord {
     /// A delete was accepted: nothing more is accepted for this message.
     #[serde(default)]
     pub deleted: bool,
+    /// Its send (or delete) is a dead letter: see [`Held`].
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub held: Option<Held>,
+    /// Dead letters naming this message (held or not): while any exists it is not forgotten.
+    #[serde(default)]
+    pub dead_letters: u32,
+    /// The newest of its jobs Zoom accepted: a dead letter older than that is stale.
+    #[serde(default)]
+    pub delivered_seq: u64,
     /// Unix ms of the last acceptance or delivery naming it.
     pub last_used_ms: u64,
+    /// The batch that writes `message_id`: until it is committed, nobody is told the id
+    /// (a crash before would make the send one in doubt again). In memory only.
+    #[serde(skip)]
+    pub id_batch: u64,
+    /// The current doubt about its send was counted and logged. In memory only.
+    #[serde(skip)]
+    pub doubt_counted: bool,
 }
 
 impl RefRecord {
@@ -89,7 +112,11 @@ impl RefRecord {
             in_doubt: false,
             deleted: false,
             held: None,
+            dead_letters: 0,
+            delivered_seq: 0,
             last_used_ms: now_ms,
+            id_batch: 0,
+            doubt_counted: false,
         }
     }
 }
@@ -173,6 +200,14 @@ impl Refs {
         Some(record)
     }
 
+    /// Gives back the memory of forgotten entries after a spike.
+    pub fn shrink(&mut self) {
+        if self.by_key.capacity() > 2 * self.by_key.len() + 1024 {
+            self.by_key.shrink_to_fit();
+            self.by_message_id.shrink_to_fit();
+        }
+    }
+
     /// Up to `limit` keys last used before `cutoff_ms` (to the minute), oldest first. The
     /// caller decides whether each may go (one with a job or a dead letter stays).
     pub fn expired(&self, cutoff_ms: u64, limit: usize) -> Vec<MessageKey> {
@@ -198,6 +233,8 @@ mod tests {
         let name = ref_name("acct", "bot@xmpp.zoom.us", "build/42");
         assert!(name.chars().any(char::is_control));
         assert_eq!(ref_of(&name), Some("build/42"));
+        assert_eq!(account_of(&name), Some("acct"));
+        assert_eq!(account_of("20191017014024747_XYYRFjM_main"), None);
         assert_eq!(ref_of("20191017014024747_XYYRFjM_main"), None);
         assert_ne!(ref_name("a", "b", "c"), ref_name("a", "bc", ""));
     }

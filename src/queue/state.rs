@@ -81,12 +81,17 @@ struct Retry {
     failed: bool,
 }
 
+/// `Slot::in_flight` of a message *held* by its dead letter (a send that failed for good or
+/// whose outcome is unknown): its pending content waits, blocked as behind a job in flight,
+/// until an operator retries or purges the dead letter. Not a job: not counted in flight.
+pub const HELD: u64 = u64::MAX;
+
 /// Where a message stands.
 #[derive(Debug, Clone, Copy, Default)]
 struct Slot {
     key: MessageKey,
     account: u32,
-    /// 0: nothing in flight.
+    /// 0: nothing in flight; [`HELD`]: held by a dead letter.
     in_flight: u64,
     pending: PendingJob,
 }
@@ -459,13 +464,63 @@ impl State {
             return Finished { announce: None };
         };
         let slot = self.slot_mut(n);
-        if slot.in_flight != seq || seq == 0 {
+        if slot.in_flight != seq || seq == 0 || seq == HELD {
             return Finished { announce: None };
         }
         slot.in_flight = 0;
         let has_pending = slot.pending.is_some();
         self.in_flight -= 1;
         let announce = if has_pending {
+            self.place(n, now_ms)
+        } else {
+            self.remove_slot(n);
+            None
+        };
+        Finished { announce }
+    }
+
+    /// The in-flight job `seq` of the message became a dead letter that holds the message
+    /// (see [`HELD`]): its pending job, if any, stays blocked.
+    pub fn hold_in_flight(&mut self, key: MessageKey, seq: u64) {
+        let Some(n) = self.find(key) else { return };
+        if self.slot(n).in_flight != seq || seq == 0 || seq == HELD {
+            return;
+        }
+        self.slot_mut(n).in_flight = HELD;
+        self.in_flight -= 1;
+    }
+
+    /// Holds a message named `message` of `account` whose dead letter was found at the open
+    /// (or a job about to be sent after all): its pending job, if any, is taken out of line.
+    pub fn hold(&mut self, key: MessageKey, account: &str) {
+        let n = match self.find(key) {
+            Some(n) => n,
+            None => {
+                let line = self.line_id(account);
+                self.line_mut(line).slots += 1;
+                self.new_slot(key, line)
+            }
+        };
+        if self.slot(n).in_flight != 0 {
+            return; // already held (a job in flight cannot be held from outside)
+        }
+        if self.slot(n).pending.is_some() {
+            self.unplace(n);
+        }
+        self.slot_mut(n).in_flight = HELD;
+    }
+
+    /// The message's dead letter was retried or purged: its pending job, if any, takes its
+    /// place in line (announcing the account when it just got ready work).
+    pub fn release(&mut self, key: MessageKey, now_ms: u64) -> Finished {
+        let Some(n) = self.find(key) else {
+            return Finished { announce: None };
+        };
+        if self.slot(n).in_flight != HELD {
+            return Finished { announce: None };
+        }
+        self.slot_mut(n).in_flight = 0;
+        let announce = if self.slot(n).pending.is_some() {
             self.place(n, now_ms)
         } else {
             self.remove_slot(n);

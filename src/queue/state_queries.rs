@@ -13,15 +13,21 @@ impl State {
     /// The in-flight job of a message, if any.
     pub fn in_flight_of(&self, message: &str) -> Option<u64> {
         let slot = self.slot(self.find_str(message)?);
-        (slot.in_flight != 0).then_some(slot.in_flight)
+        (slot.in_flight != 0 && slot.in_flight != HELD).then_some(slot.in_flight)
     }
 
-    /// The pending and in-flight job ids of the message known by `key` (0: none).
+    /// The pending and in-flight job ids of the message known by `key` (0: none; a hold is
+    /// not a job in flight).
     pub fn jobs_of_key(&self, key: MessageKey) -> (u64, u64) {
         match self.find(key) {
             Some(n) => {
                 let slot = self.slot(n);
-                (slot.pending.seq, slot.in_flight)
+                let in_flight = if slot.in_flight == HELD {
+                    0
+                } else {
+                    slot.in_flight
+                };
+                (slot.pending.seq, in_flight)
             }
             None => (0, 0),
         }
@@ -86,7 +92,10 @@ impl State {
     pub fn check(&self) {
         let live = self.slots.live();
         let pending = live.iter().filter(|(_, s)| s.pending.is_some()).count() as u64;
-        let in_flight = live.iter().filter(|(_, s)| s.in_flight != 0).count() as u64;
+        let in_flight = live
+            .iter()
+            .filter(|(_, s)| s.in_flight != 0 && s.in_flight != HELD)
+            .count() as u64;
         assert_eq!(pending, self.pending);
         assert_eq!(in_flight, self.in_flight);
         let ready: usize = self.lines.iter().flatten().map(|l| l.ready.len()).sum();

@@ -87,3 +87,49 @@ fn accounts_are_released_when_idle() {
     assert_eq!(state.accounts(), 0);
     state.check();
 }
+
+#[test]
+fn a_held_message_keeps_its_content_out_of_line_until_released() {
+    let mut state = State::new(1);
+    let key = state.key("m");
+    state.enqueue("m", "a", 0);
+    let send = state.claim("a").unwrap();
+    let Placed::New { seq: waiting, .. } = state.enqueue("m", "a", 0) else {
+        panic!()
+    };
+    // The send became a dead letter: not in flight any more, and its message held.
+    state.hold_in_flight(key, send.seq);
+    assert_eq!(state.in_flight(), 0);
+    assert_eq!(state.jobs_of_key(key), (waiting, 0));
+    assert!(state.claim("a").is_none(), "held content is not claimable");
+    assert!(matches!(state.enqueue("m", "a", 0), Placed::Coalesced { seq, .. } if seq == waiting));
+    assert!(
+        state.finish_key(key, HELD, 0).announce.is_none(),
+        "a hold is no job"
+    );
+    state.check();
+    let released = state.release(key, 0);
+    assert_eq!(released.announce.as_deref(), Some("a"));
+    assert_eq!(state.claim("a").unwrap().seq, waiting);
+    state.check();
+}
+
+#[test]
+fn a_hold_found_at_the_open_blocks_what_recovery_restores() {
+    let mut state = State::new(1);
+    let key = state.key("m");
+    state.hold(key, "a");
+    state.check();
+    let stored = Stored::default();
+    state.restore("m", "a", 7, 0, stored, 0);
+    assert!(state.claim("a").is_none());
+    state.check();
+    // Released with nothing pending, a hold leaves nothing behind.
+    let other = state.key("n");
+    state.hold(other, "b");
+    assert!(state.release(other, 0).announce.is_none());
+    assert_eq!(state.accounts(), 1);
+    assert_eq!(state.release(key, 0).announce.as_deref(), Some("a"));
+    assert_eq!(state.claim("a").unwrap().seq, 7);
+    state.check();
+}

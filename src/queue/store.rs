@@ -56,7 +56,8 @@ pub struct DeadRecord {
     pub header: JobHeader,
     /// When it was dead-lettered (unix ms).
     pub dead_ms: u64,
-    /// Why: `rejected` (Zoom refused it) or `expired` (failing longer than `max_age`).
+    /// Why: `rejected` (Zoom refused it), `expired` (failing longer than `max_age`) or
+    /// `outcome_unknown` (a send that may have been posted; `delivery.send_in_doubt`).
     pub reason: String,
     /// Zoom's HTTP status, if Zoom answered.
     pub status: Option<u16>,
@@ -64,6 +65,10 @@ pub struct DeadRecord {
     pub zoom_code: Option<i64>,
     /// Zoom's error message, or a description of the last failure.
     pub detail: String,
+    /// The call that failed: `send`, `edit` or `delete` (none in dead letters written before
+    /// there were other calls than edits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call: Option<String>,
 }
 
 /// One write of a group commit.
@@ -422,13 +427,13 @@ impl Store {
         })
     }
 
-    pub fn count_dead(&self) -> Result<u64, StoreError> {
-        let mut n = 0;
+    /// The job ids of every dead letter.
+    pub fn dead_seqs(&self) -> Result<std::collections::HashSet<u64>, StoreError> {
+        let mut seqs = std::collections::HashSet::new();
         for item in self.db.scan_prefix([DEAD]).keys() {
-            item?;
-            n += 1;
+            seqs.insert(number_of(&item?)?);
         }
-        Ok(n)
+        Ok(seqs)
     }
 
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {

@@ -162,6 +162,7 @@ async fn converts_a_queue_of_the_earlier_layout() {
         status: Some(400),
         zoom_code: None,
         detail: "bad".into(),
+        call: None,
     };
     store::write_v1(
         dir.path(),

@@ -151,7 +151,7 @@ fn shrink_if_drained(shared: &Shared, committer: Committer) -> Option<Committer>
     let mut core = shared.lock();
     let empty = core.state.pending() == 0
         && core.state.in_flight() == 0
-        && core.dead == 0
+        && core.dead.is_empty()
         // Remembered messages (refs, deletions) would be lost to a crash between the rebuild
         // and their rewrite: a database that holds any is not rebuilt.
         && core.refs.len() == 0

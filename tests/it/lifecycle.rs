@@ -180,9 +180,12 @@ async fn a_send_in_doubt_is_a_dead_letter_with_its_edits_when_asked() {
     assert_eq!(status["state"], "dead", "{status}");
     assert_eq!(status["reason"], "outcome_unknown", "{status}");
     let mut client = daemon.client().await;
-    // Edits wait with it; the latest is what a retry sends.
+    // Edits wait with it (accepted, not sent); the latest is what a retry sends.
+    let waiting = client.call(&edit_ref("deploy-1", "v1.5")).await;
+    assert_eq!(waiting["ok"], true, "{waiting}");
     let waiting = client.call(&edit_ref("deploy-1", "v2")).await;
     assert_eq!(waiting["coalesced"], true, "{waiting}");
+    assert_eq!(client.call(&by_ref("status", "deploy-1")).await["state"], "dead");
     let dead = client.call(&json!({"op": "dead_list"})).await;
     assert_eq!(dead["dead"][0]["reason"], "outcome_unknown", "{dead}");
     assert_eq!(dead["dead"][0]["ref"], "deploy-1", "{dead}");
@@ -195,7 +198,8 @@ async fn a_send_in_doubt_is_a_dead_letter_with_its_edits_when_asked() {
     let retried = client
         .call(&json!({"op": "dead_retry", "job_id": job_id}))
         .await;
-    assert_eq!(retried["retried"], 1, "{retried}");
+    // The waiting content is newer than the dead letter: it goes out as the send instead.
+    assert_eq!(retried["superseded"], 1, "{retried}");
     let mut wait = by_ref("status", "deploy-1");
     wait["wait"] = json!("20s");
     assert_eq!(client.call(&wait).await["state"], "sent");
