@@ -400,8 +400,9 @@ impl Dispatcher {
 
     /// Shutdown: nothing more is claimed; in-flight requests get `shutdown_grace` to finish
     /// and their outcomes are recorded; those still running then are abandoned. Abandoning
-    /// loses nothing: a claim writes nothing, so an abandoned job's records are on disk as
-    /// they were before it was sent, and the restart makes it pending again. Waiting longer
+    /// loses nothing: a claim writes nothing (but a send's in-doubt mark), so an abandoned
+    /// job's records are on disk as they were before it was sent, and the restart makes it
+    /// pending again (an abandoned send in doubt, as it may have reached Zoom). Waiting longer
     /// would only save sending it twice (Zoom edits are idempotent), at the price of a stop
     /// that lasts as long as Zoom hangs.
     async fn drain(mut self) {

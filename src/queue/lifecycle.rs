@@ -7,8 +7,8 @@
 //! (a send whose ref is known is new content of that message, never a second message); a
 //! delete replaces any pending content and after it nothing more is accepted (`gone`); a
 //! delete of a message never sent (nothing in flight, no `message_id`) cancels it, and Zoom
-//! sees nothing. Content for a ref whose send is a dead letter joins that dead letter (it
-//! waits with it for an operator).
+//! sees nothing. Content for a ref whose send is a dead letter is accepted and coalesced as
+//! usual, and waits out of line with it for an operator (see `outcome.rs`).
 
 use std::time::Duration;
 
