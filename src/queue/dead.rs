@@ -13,7 +13,7 @@ enum Back {
     /// Back in line.
     Restore,
     /// Dropped: newer content of its message is pending or in flight, or was delivered, or
-    /// the message was deleted since.
+    /// the message was deleted since. (Older pending content gives way to it instead.)
     Superseded,
 }
 
@@ -69,7 +69,9 @@ impl Core {
         let deleted_since =
             record.header.op == JobOp::Content && remembered.is_some_and(|r| r.deleted);
         let delivered_since = remembered.is_some_and(|r| r.delivered_seq > seq);
-        if pending != 0 || in_flight > seq || deleted_since || delivered_since {
+        // Job ids grow with each new job of a message, so the higher id is the newer content
+        // (an older pending job, e.g. another dead letter retried just before, gives way).
+        if pending > seq || in_flight > seq || deleted_since || delivered_since {
             Back::Superseded
         } else {
             Back::Restore

@@ -523,3 +523,26 @@ async fn a_retried_dead_edit_never_overwrites_newer_delivered_content() {
     }
     close(queue).await;
 }
+
+/// Two dead edits of one message retried together: the newer one goes out, whichever the
+/// operator's command puts back first.
+#[tokio::test]
+async fn of_two_retried_dead_edits_the_newer_goes_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (queue, _ready, _) = open(dir.path()).await;
+    queue.send(&send("r", "v1")).await.unwrap();
+    let job = claim_job(&queue).await.unwrap();
+    wait(queue.complete(&job, sent("z1"))).await.unwrap();
+    for text in ["v2", "v3"] {
+        queue.enqueue(&edit(by_ref("r"), text)).await.unwrap();
+        let job = claim_job(&queue).await.unwrap();
+        wait(queue.dead_letter(&job, rejected())).await.unwrap();
+    }
+    let retried = queue.dead_retry(&Selector::All).await.unwrap();
+    assert_eq!(retried.affected, 2, "both put back, the older giving way");
+    let job = claim_job(&queue).await.unwrap();
+    assert_eq!(text_in(&job.body), "v3");
+    wait(queue.complete(&job, None)).await.unwrap();
+    assert!(claim_job(&queue).await.is_none());
+    close(queue).await;
+}
