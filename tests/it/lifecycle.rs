@@ -185,7 +185,10 @@ async fn a_send_in_doubt_is_a_dead_letter_with_its_edits_when_asked() {
     assert_eq!(waiting["ok"], true, "{waiting}");
     let waiting = client.call(&edit_ref("deploy-1", "v2")).await;
     assert_eq!(waiting["coalesced"], true, "{waiting}");
-    assert_eq!(client.call(&by_ref("status", "deploy-1")).await["state"], "dead");
+    assert_eq!(
+        client.call(&by_ref("status", "deploy-1")).await["state"],
+        "dead"
+    );
     let dead = client.call(&json!({"op": "dead_list"})).await;
     assert_eq!(dead["dead"][0]["reason"], "outcome_unknown", "{dead}");
     assert_eq!(dead["dead"][0]["ref"], "deploy-1", "{dead}");
