@@ -35,6 +35,12 @@
 //!   how long the last one waited, CPU and memory.
 //! - `hot`: 20 messages edited 50 times a second each for `--seconds` (30) on one Pro account;
 //!   ack-to-Zoom lag from polling the sandbox's messages every `--poll-ms`.
+//! - `lifecycle`: one account (Pro, and Business) whose messages are sent by ref, edited in
+//!   bursts that coalesce and one in three deleted, three times the limit of refs under way so
+//!   the three calls always have a backlog; delivered rate by call and in all over the steady
+//!   part (`--seconds`, 60, between `--edge` seconds at each end), 429s, most requests in any
+//!   1 s window, and at the end one message per ref at Zoom, on its last edit or deleted.
+//!   The rows run at once unless `--serial`.
 //! - `idle`: `--samples` (200) edits one at a time on an empty queue: from the producer's write
 //!   to the sandbox's receipt of the PUT (`RequestRecord::at`, same process, same clock).
 //!
@@ -45,7 +51,7 @@
 //! Files: `rig.rs` (in-process sandbox + daemon, producers), `process.rs` (the daemon as its own
 //! process), `measure.rs` (windows, rates, gaps, percentiles), `report.rs` (targets, machine),
 //! and one file per scenario family: `rows.rs` (`drain`), `adapt.rs` (`lone429`, `shared`),
-//! `isolation.rs`, `accounts.rs`, `hot.rs`, `idle.rs`.
+//! `isolation.rs`, `accounts.rs`, `hot.rs`, `lifecycle.rs`, `idle.rs`.
 
 #[path = "../common/host.rs"]
 mod host;
@@ -59,6 +65,7 @@ mod adapt;
 mod hot;
 mod idle;
 mod isolation;
+mod lifecycle;
 mod measure;
 mod process;
 mod report;
@@ -73,11 +80,11 @@ pub struct Args {
     /// Which scenario to run; `all` runs every one in turn.
     #[arg(value_enum, default_value = "all")]
     pub scenario: Scenario,
-    /// drain: measured seconds (60); lone429, shared, isolation: seconds of deliveries (30, 60,
-    /// 40); hot: seconds of editing (30).
+    /// drain, lifecycle: measured seconds (60); lone429, shared, isolation: seconds of
+    /// deliveries (30, 60, 40); hot: seconds of editing (30).
     #[arg(long)]
     pub seconds: Option<f64>,
-    /// drain, lone429, isolation: seconds of deliveries left out at each end of the run.
+    /// drain, lone429, isolation, lifecycle: seconds of deliveries left out at each end of the run.
     #[arg(long, default_value_t = 2.0)]
     pub edge: f64,
     /// shared: seconds left out at the start while the daemon finds the account's capacity;
@@ -96,7 +103,7 @@ pub struct Args {
     /// idle: measured edits.
     #[arg(long, default_value_t = 200)]
     pub samples: usize,
-    /// drain: run the rows one after another instead of at once (four times longer).
+    /// drain, lifecycle: run the rows one after another instead of at once (four times longer).
     #[arg(long)]
     pub serial: bool,
     /// Passed by `cargo bench`; ignored.
@@ -114,6 +121,7 @@ pub enum Scenario {
     #[value(name = "accounts10k")]
     Accounts10k,
     Hot,
+    Lifecycle,
     Idle,
     All,
 }
@@ -157,6 +165,9 @@ fn main() -> anyhow::Result<()> {
         }
         if runs(Scenario::Hot) {
             hot::hot(&args, &machine).await?;
+        }
+        if runs(Scenario::Lifecycle) {
+            lifecycle::lifecycle(&args, &machine).await?;
         }
         if runs(Scenario::Idle) {
             idle::idle(&args, &machine).await?;

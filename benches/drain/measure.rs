@@ -15,6 +15,8 @@ const SECOND: Duration = Duration::from_secs(1);
 /// One request as the sandbox logged it.
 #[derive(Debug, Clone, Copy)]
 pub struct Arrival {
+    /// Which call: `"send"`, `"edit"` or `"delete"`.
+    pub op: &'static str,
     /// When it arrived, from the sandbox's start (the origin of its fixed windows).
     pub offset: Duration,
     /// The status answered; `None` for a reset connection.
@@ -53,6 +55,7 @@ impl Log {
                 continue;
             };
             by_account.entry(account).or_default().push(Arrival {
+                op: record.op,
                 offset: record.offset,
                 status: record.status,
             });

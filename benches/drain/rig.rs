@@ -1,6 +1,6 @@
 //! The in-process rig: a sandbox Zoom and the real daemon ([`zoomq::run`]) on a fresh temporary
 //! directory, both on this process's runtime, and the producer side every scenario shares
-//! (request lines, pipelined preloads, sequence-numbered contents).
+//! (request lines, pipelined preloads, a producer's own connection, sequence-numbered contents).
 //!
 //! The daemon runs on its default settings: [`Sandbox::daemon_config`] plus whatever a
 //! scenario's `tweak` adds (per-account overrides). `accounts` runs the daemon as its own
@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +21,8 @@ use zoomq::sandbox::{Sandbox, SandboxConfig};
 
 /// The account single-account scenarios' edits name.
 pub const ACCOUNT: &str = "bench-account";
+/// The bot every request names.
+pub const ROBOT: &str = "bench-bot@xmpp.zoom.us";
 
 /// A sandbox Zoom and a daemon on a fresh directory, both on this runtime.
 pub struct Rig {
@@ -116,6 +119,33 @@ impl Rig {
     }
 }
 
+/// Runs `row` for each spec: at once (each row starts its own sandbox and daemon) or, with
+/// `serial`, one after another; the rows come back in the specs' order.
+pub async fn rows<S, R, Fut>(
+    specs: &[S],
+    serial: bool,
+    row: impl Fn(S) -> Fut,
+) -> anyhow::Result<Vec<R>>
+where
+    S: Copy,
+    R: Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<R>> + Send + 'static,
+{
+    let mut rows = Vec::with_capacity(specs.len());
+    if serial {
+        for &spec in specs {
+            rows.push(row(spec).await?);
+        }
+    } else {
+        let tasks: Vec<JoinHandle<anyhow::Result<R>>> =
+            specs.iter().map(|&spec| tokio::spawn(row(spec))).collect();
+        for task in tasks {
+            rows.push(task.await??);
+        }
+    }
+    Ok(rows)
+}
+
 /// Enqueues `count` edits of distinct messages `{prefix}-{i}` of `account` over one pipelined
 /// connection and waits for every answer.
 pub async fn preload(
@@ -163,13 +193,58 @@ pub async fn send_all(socket: &Path, lines: impl Iterator<Item = Vec<u8>>) -> an
 
 /// One `edit` request line.
 pub fn edit_line(account: &str, message_id: &str, content: &Value) -> Vec<u8> {
-    let request = json!({
+    request_line(&json!({
         "op": "edit", "message_id": message_id, "account_id": account,
-        "robot_jid": "bench-bot@xmpp.zoom.us", "content": content,
-    });
-    let mut line = serde_json::to_vec(&request).expect("a JSON value serializes");
+        "robot_jid": ROBOT, "content": content,
+    }))
+}
+
+/// A request as the line the socket reads.
+pub fn request_line(request: &Value) -> Vec<u8> {
+    let mut line = serde_json::to_vec(request).expect("a JSON value serializes");
     line.push(b'\n');
     line
+}
+
+/// One producer's connection, kept open like a bot's: requests written together are answered
+/// in order, each answer read before the call returns.
+pub struct Conn {
+    answers: Lines<BufReader<OwnedReadHalf>>,
+    writer: OwnedWriteHalf,
+}
+
+impl Conn {
+    pub async fn connect(socket: &Path) -> anyhow::Result<Conn> {
+        let (reader, writer) = UnixStream::connect(socket).await?.into_split();
+        Ok(Conn {
+            answers: BufReader::new(reader).lines(),
+            writer,
+        })
+    }
+
+    /// Sends one request and returns its answer; an `ok:false` answer is an error.
+    pub async fn call(&mut self, request: &Value) -> anyhow::Result<Value> {
+        let mut answers = self.pipeline(std::slice::from_ref(request)).await?;
+        Ok(answers.remove(0))
+    }
+
+    /// Writes every request in one go, then reads their answers; any `ok:false` is an error.
+    pub async fn pipeline(&mut self, requests: &[Value]) -> anyhow::Result<Vec<Value>> {
+        let lines: Vec<u8> = requests.iter().flat_map(request_line).collect();
+        self.writer.write_all(&lines).await?;
+        let mut answers = Vec::with_capacity(requests.len());
+        for request in requests {
+            let line = self
+                .answers
+                .next_line()
+                .await?
+                .context("the daemon closed the connection")?;
+            let answer: Value = serde_json::from_str(&line)?;
+            anyhow::ensure!(answer["ok"] == true, "{} refused: {line}", request["op"]);
+            answers.push(answer);
+        }
+        Ok(answers)
+    }
 }
 
 /// A content whose text carries `seq`, so the sandbox's copy tells which edit it shows.

@@ -8,14 +8,13 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::task::JoinHandle;
 use zoomq::config::AccountConfig;
 use zoomq::plan::Plan;
 use zoomq::sandbox::{AccountSettings, SandboxConfig};
 
 use crate::measure::{self, ms, secs, Gaps, Log, Rate, WindowMax};
 use crate::report::{loadavg, print_targets, series, Target};
-use crate::rig::{preload, Rig, ACCOUNT};
+use crate::rig::{self, preload, Rig, ACCOUNT};
 use crate::Args;
 
 /// The share of the limit a steady backlog must be delivered at.
@@ -98,20 +97,7 @@ pub async fn drain(args: &Args, machine: &Value) -> anyhow::Result<()> {
         "\n== drain: preloaded backlog of distinct messages, one account, daemon defaults; {seconds} s measured between the first and last {edge} s of deliveries; rows {}",
         if args.serial { "one after another" } else { "at once (a sandbox and a daemon each)" }
     );
-    let mut rows = Vec::new();
-    if args.serial {
-        for spec in specs {
-            rows.push(row(spec, seconds, edge).await?);
-        }
-    } else {
-        let tasks: Vec<JoinHandle<anyhow::Result<Row>>> = specs
-            .iter()
-            .map(|&spec| tokio::spawn(row(spec, seconds, edge)))
-            .collect();
-        for task in tasks {
-            rows.push(task.await??);
-        }
-    }
+    let rows = rig::rows(&specs, args.serial, |spec| row(spec, seconds, edge)).await?;
 
     println!(
         "{:<17} {:>5} {:>8} {:>7} {:>8} {:>6} {:>5} {:>20} {:>7} {:>8} {:>7} {:>7} {:>7} {:>7}",
