@@ -349,6 +349,10 @@ impl Ingest {
         let stats = self.queue.stats();
         let m = &self.metrics;
         let oldest = self.queue.oldest_age().ok().flatten();
+        let dead_lettered: u64 = ["rejected", "expired", "outcome_unknown"]
+            .iter()
+            .map(|reason| m.edits_dead_lettered.with_label_values(&[reason]).get())
+            .sum();
         serde_json::json!({
             "ok": true,
             "pending": stats.pending,
@@ -364,8 +368,7 @@ impl Ingest {
             "retries": m.retries.get(),
             "rate_limited": m.zoom_rate_limited.with_label_values(&["qps"]).get()
                 + m.zoom_rate_limited.with_label_values(&["daily"]).get(),
-            "dead_lettered": m.edits_dead_lettered.with_label_values(&["rejected"]).get()
-                + m.edits_dead_lettered.with_label_values(&["expired"]).get(),
+            "dead_lettered": dead_lettered,
             "accounts_paused": m.accounts_paused.get(),
             "limiter_rate": m.limiter_rate.get(),
             "delivered_rate": m.delivered_rate.get(),

@@ -92,6 +92,10 @@ pub struct Dispatcher {
     waiting_seq: u64,
     /// Request slots; a task holds one while its request is in flight.
     slots: Arc<Semaphore>,
+    /// Sends claimed before a rate-limit slot (see [`Head::ClaimFirst`]): each waits for its
+    /// in-doubt mark to be committed, then for its account's limiter, and leaves the moment
+    /// it gets a slot, so that the pacer's log holds the time it really left.
+    parked: Vec<(Arc<str>, Job)>,
     /// While set, nothing is sent: the token could not be obtained.
     no_token_until: Option<Instant>,
     no_token_pause: Duration,
@@ -125,6 +129,7 @@ impl Dispatcher {
             zoom,
             limiters,
             slots: Arc::new(Semaphore::new(settings.concurrency)),
+            parked: Vec::new(),
             settings,
             metrics,
             health,
@@ -214,7 +219,7 @@ impl Dispatcher {
             }
             self.no_token_until = None;
         }
-        let has_work = !self.ring.is_empty() || !self.waiting.is_empty();
+        let has_work = !self.ring.is_empty() || !self.waiting.is_empty() || !self.parked.is_empty();
         if has_work && self.token_fetch.is_none() && self.zoom.token_wanted() {
             // Fetch (or refresh ahead of expiry) on the dispatcher's behalf, so that no edit
             // waits for a token while holding a rate-limit slot. The result wakes the loop.
@@ -236,7 +241,7 @@ impl Dispatcher {
             };
             self.ring.push_back(account);
         }
-        let mut not_durable = false;
+        let (mut not_durable, mut parked_wait) = self.send_parked();
         for _ in 0..self.ring.len() {
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
                 break; // a finishing request wakes the loop
@@ -247,6 +252,32 @@ impl Dispatcher {
             // Look before taking a rate-limit slot, so that a slot is never spent on nothing.
             let claimed = match self.queue.head(&account) {
                 Head::Ready => None,
+                Head::ClaimFirst => {
+                    match self.queue.claim(&account) {
+                        Ok(Claimed::Job(job)) => {
+                            if job.more {
+                                self.hold(account.clone(), Duration::ZERO);
+                            }
+                            self.parked.push((account, job));
+                            not_durable = true;
+                        }
+                        Ok(Claimed::Skipped { more }) => {
+                            if more {
+                                self.hold(account, Duration::ZERO);
+                            }
+                        }
+                        Ok(Claimed::NotDurable) => {
+                            not_durable = true;
+                            self.ring.push_back(account);
+                        }
+                        Ok(Claimed::Empty) => {}
+                        Err(e) => {
+                            tracing::error!(account = %account, error = %e, "cannot read a claimed job");
+                            self.ring.push_back(account);
+                        }
+                    }
+                    continue;
+                }
                 Head::NotDurable => {
                     not_durable = true;
                     self.ring.push_back(account);
@@ -323,7 +354,37 @@ impl Dispatcher {
             .waiting
             .peek()
             .map(|Reverse((due, _, _))| due.saturating_duration_since(Instant::now()));
+        if let Some(held) = parked_wait.take() {
+            return (Some(wait.map_or(held, |w| w.min(held))), not_durable);
+        }
         (wait, not_durable)
+    }
+
+    /// Sends the parked sends whose mark is on disk and whose limiter allows. Returns whether
+    /// one still waits for a commit, and how long until a limiter may allow one.
+    fn send_parked(&mut self) -> (bool, Option<Duration>) {
+        let mut waiting_commit = false;
+        let mut wait: Option<Duration> = None;
+        for (account, job) in std::mem::take(&mut self.parked) {
+            let durable = job.marked_batch.is_none_or(|b| self.queue.is_durable(b));
+            if !durable {
+                waiting_commit = true;
+                self.parked.push((account, job));
+                continue;
+            }
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                self.parked.push((account, job)); // a finishing request wakes the loop
+                continue;
+            };
+            match self.limiters.try_acquire(&account, SystemTime::now()) {
+                Ok(granted) => self.start(job, granted, permit),
+                Err(until_allowed) => {
+                    wait = Some(wait.map_or(until_allowed, |w| w.min(until_allowed)));
+                    self.parked.push((account, job));
+                }
+            }
+        }
+        (waiting_commit, wait)
     }
 
     /// Puts `account` in the timer heap for `wait`. Waits on the wall clock (a Retry-After, the
@@ -407,6 +468,10 @@ impl Dispatcher {
     /// that lasts as long as Zoom hangs.
     async fn drain(mut self) {
         self.requests.close();
+        // Never sent: back in line, no longer in doubt.
+        for (_, job) in std::mem::take(&mut self.parked) {
+            self.put_back(&job);
+        }
         // A token request (against a token endpoint that may hang) serves no one now.
         if let Some(fetch) = self.token_fetch.take() {
             fetch.abort();

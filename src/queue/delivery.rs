@@ -40,6 +40,10 @@ fn send_body(edit_body: &[u8], params: &super::refs::SendParams) -> Vec<u8> {
 pub enum Head {
     /// A job is ready to be claimed.
     Ready,
+    /// The ready job is the send of a message named by a ref (or needs no request): claim it
+    /// before taking a rate-limit slot, and send it once [`Queue::is_durable`] says its mark
+    /// is on disk, so that the slot is taken when the request really leaves.
+    ClaimFirst,
     /// The oldest ready job has writes not yet on disk: wait for [`Queue::committed`].
     NotDurable,
     /// Nothing is ready.
@@ -80,11 +84,19 @@ impl Queue {
     /// Whether `account`'s oldest ready job can be claimed now.
     pub fn head(&self, account: &str) -> Head {
         let core = self.shared.lock();
-        match core.state.peek_ready(account) {
+        match core.state.peek_ready_key(account) {
             None => Head::Empty,
-            Some(seq) if !core.claimable(seq) => Head::NotDurable,
+            Some((seq, _)) if !core.claimable(seq) => Head::NotDurable,
+            Some((_, key)) if core.refs.get(key).is_some_and(|r| r.message_id.is_none()) => {
+                Head::ClaimFirst
+            }
             Some(_) => Head::Ready,
         }
+    }
+
+    /// Whether batch `batch` is committed (see [`Job::marked_batch`]).
+    pub fn is_durable(&self, batch: u64) -> bool {
+        *self.shared.durable_batch.borrow() >= batch
     }
 
     /// Claims the oldest ready job of `account`, reading its content from disk.

@@ -69,8 +69,14 @@ impl State {
 
     /// The oldest ready job of `account`, without claiming it.
     pub fn peek_ready(&self, account: &str) -> Option<u64> {
+        self.peek_ready_key(account).map(|(seq, _)| seq)
+    }
+
+    /// The oldest ready job of `account` and its message's key, without claiming it.
+    pub fn peek_ready_key(&self, account: &str) -> Option<(u64, MessageKey)> {
         let &line = self.line_of.get(account)?;
-        self.line(line).ready.keys().next().copied()
+        let (&seq, &n) = self.line(line).ready.iter().next()?;
+        Some((seq, self.slot(n).key))
     }
 
     /// Whether the message's in-flight job is `seq` and a newer pending job would supersede

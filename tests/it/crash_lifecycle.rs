@@ -166,6 +166,31 @@ async fn check_acknowledged(
     held
 }
 
+/// Waits until everything that can go has gone: nothing in flight, and every acknowledged
+/// ref sent, deleted, or held as a dead letter (its content waits with it, pending for good).
+async fn settle(daemon: &TestDaemon, ledger: &HashMap<String, Acked>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    'look: loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "did not settle: {}",
+            daemon.stats().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let stats = daemon.stats().await;
+        if stats["in_flight"] != 0 || stats["recovering"] != false {
+            continue;
+        }
+        for reference in ledger.keys() {
+            let state = status(daemon, reference).await["state"].clone();
+            if !(state == "sent" || state == "deleted" || state == "dead") {
+                continue 'look;
+            }
+        }
+        return;
+    }
+}
+
 /// Messages per ref at Zoom.
 fn messages_per_ref(zoom: &Sandbox) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
@@ -217,8 +242,8 @@ async fn campaign(
     }
     // Delivery finishes without faults (but the ones already in flight).
     zoom.set_faults(Faults::default());
-    daemon.drained(Duration::from_secs(60)).await;
     let ledger = ledger.lock().unwrap().clone();
+    settle(&daemon, &ledger).await;
     assert!(
         ledger.len() >= 30,
         "producers made too little progress: {}",
