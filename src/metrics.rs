@@ -176,17 +176,17 @@ impl Metrics {
             edits_accepted: counter(
                 r,
                 "zoomq_edits_accepted_total",
-                "Edits acknowledged to producers (durable), including coalesced ones.",
+                "Requests acknowledged to producers (durable; sends, edits and deletes), including coalesced ones.",
             ),
             edits_coalesced: counter(
                 r,
                 "zoomq_edits_coalesced_total",
-                "Edits merged into a pending edit of the same message.",
+                "Requests whose content replaced a pending job of the same message.",
             ),
             edits_superseded: counter(
                 r,
                 "zoomq_edits_superseded_total",
-                "Edits dropped unsent because a newer edit of the same message replaced them.",
+                "Jobs dropped unsent because newer content or a delete of the same message replaced them.",
             ),
             edits_delivered: counter(
                 r,
@@ -196,7 +196,7 @@ impl Metrics {
             edits_dead_lettered: counter_vec(
                 r,
                 "zoomq_edits_dead_lettered_total",
-                "Edits moved to the dead letters, by reason.",
+                "Jobs (sends, edits, deletes) moved to the dead letters, by reason.",
                 &["reason"],
             ),
             dead_letters_retried: counter(
@@ -232,9 +232,9 @@ impl Metrics {
                 "zoomq_refs_remembered",
                 "Messages remembered by ref or as deleted (storage.ref_retention).",
             ),
-            queue_pending: gauge(r, "zoomq_queue_pending", "Edits waiting to be sent."),
-            queue_in_flight: gauge(r, "zoomq_queue_in_flight", "Edits being sent to Zoom."),
-            queue_dead: gauge(r, "zoomq_queue_dead", "Edits in the dead letters."),
+            queue_pending: gauge(r, "zoomq_queue_pending", "Jobs waiting to be sent (with content waiting for a dead letter)."),
+            queue_in_flight: gauge(r, "zoomq_queue_in_flight", "Jobs being sent to Zoom."),
+            queue_dead: gauge(r, "zoomq_queue_dead", "Jobs in the dead letters."),
             queue_oldest_pending_age: float_gauge(
                 r,
                 "zoomq_queue_oldest_pending_age_seconds",
