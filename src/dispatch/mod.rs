@@ -253,28 +253,9 @@ impl Dispatcher {
             let claimed = match self.queue.head(&account) {
                 Head::Ready => None,
                 Head::ClaimFirst => {
-                    match self.queue.claim(&account) {
-                        Ok(Claimed::Job(job)) => {
-                            if job.more {
-                                self.hold(account.clone(), Duration::ZERO);
-                            }
-                            self.parked.push((account, job));
-                            not_durable = true;
-                        }
-                        Ok(Claimed::Skipped { more }) => {
-                            if more {
-                                self.hold(account, Duration::ZERO);
-                            }
-                        }
-                        Ok(Claimed::NotDurable) => {
-                            not_durable = true;
-                            self.ring.push_back(account);
-                        }
-                        Ok(Claimed::Empty) => {}
-                        Err(e) => {
-                            tracing::error!(account = %account, error = %e, "cannot read a claimed job");
-                            self.ring.push_back(account);
-                        }
+                    let claimed = self.queue.claim(&account);
+                    if let Some(job) = self.claimed(&account, claimed, &mut not_durable) {
+                        self.park(account, job, &mut not_durable);
                     }
                     continue;
                 }
@@ -285,26 +266,17 @@ impl Dispatcher {
                 }
                 // Lets the queue know the account left the ring; it is announced again when it
                 // has ready work. A producer may have added some since the look, though.
-                Head::Empty => match self.queue.claim(&account) {
-                    Ok(Claimed::Empty) => continue,
-                    Ok(Claimed::NotDurable) => {
-                        not_durable = true;
-                        self.ring.push_back(account);
-                        continue;
-                    }
-                    Ok(Claimed::Job(job)) => Some(job),
-                    Ok(Claimed::Skipped { more }) => {
-                        if more {
-                            self.hold(account, Duration::ZERO);
+                Head::Empty => {
+                    let claimed = self.queue.claim(&account);
+                    match self.claimed(&account, claimed, &mut not_durable) {
+                        Some(job) if job.marked_batch.is_some() => {
+                            self.park(account, job, &mut not_durable);
+                            continue;
                         }
-                        continue;
+                        Some(job) => Some(job),
+                        None => continue,
                     }
-                    Err(e) => {
-                        tracing::error!(account = %account, error = %e, "cannot read a claimed job");
-                        self.ring.push_back(account);
-                        continue;
-                    }
-                },
+                }
             };
             let granted = match self.limiters.try_acquire(&account, SystemTime::now()) {
                 Ok(granted) => granted,
@@ -320,34 +292,13 @@ impl Dispatcher {
                 Some(job) => Ok(Claimed::Job(job)),
                 None => self.queue.claim(&account),
             };
-            match claimed {
-                Ok(Claimed::Job(job)) => {
-                    if job.more {
-                        // Back in line once its limiter allows; the heap's wake-up makes sure
-                        // the loop asks again then, whatever else happens meanwhile.
-                        self.hold(account, Duration::ZERO);
-                    }
-                    self.start(job, granted, permit);
+            if let Some(job) = self.claimed(&account, claimed, &mut not_durable) {
+                if job.more {
+                    // Back in line once its limiter allows; the heap's wake-up makes sure the
+                    // loop asks again then, whatever else happens meanwhile.
+                    self.hold(account, Duration::ZERO);
                 }
-                // No request needed: the slot goes unused, which is always safe.
-                Ok(Claimed::Skipped { more }) => {
-                    if more {
-                        self.hold(account, Duration::ZERO);
-                    }
-                }
-                // A producer's edit replaced the head between the look and the claim.
-                Ok(Claimed::NotDurable) => {
-                    not_durable = true;
-                    self.ring.push_back(account);
-                }
-                // The queue re-announces the account when it has ready work again.
-                Ok(Claimed::Empty) => {}
-                Err(e) => {
-                    // The queue put the job back (or dropped an unreadable one); keep the
-                    // account in the ring: a claim that finds nothing ready removes it.
-                    tracing::error!(account = %account, error = %e, "cannot read a claimed job");
-                    self.ring.push_back(account);
-                }
+                self.start(job, granted, permit);
             }
         }
         let wait = self
@@ -358,6 +309,45 @@ impl Dispatcher {
             return (Some(wait.map_or(held, |w| w.min(held))), not_durable);
         }
         (wait, not_durable)
+    }
+
+    /// Parks a claimed send until its mark is on disk (see `parked`).
+    fn park(&mut self, account: Arc<str>, job: Job, not_durable: &mut bool) {
+        if job.more {
+            self.hold(account.clone(), Duration::ZERO);
+        }
+        self.parked.push((account, job));
+        *not_durable = true;
+    }
+
+    /// What a claim leaves to do: the job, if there is one; otherwise the account is put
+    /// where it belongs (back in the ring, in the timer heap, or nowhere: the queue announces
+    /// it again when it has ready work) and `not_durable` set when a commit should wake the
+    /// loop.
+    fn claimed(
+        &mut self,
+        account: &Arc<str>,
+        claimed: Result<Claimed, crate::queue::StoreError>,
+        not_durable: &mut bool,
+    ) -> Option<Job> {
+        match claimed {
+            Ok(Claimed::Job(job)) => return Some(job),
+            // No request needed (a slot taken for it goes unused, which is always safe).
+            Ok(Claimed::Skipped { more: true }) => self.hold(account.clone(), Duration::ZERO),
+            Ok(Claimed::Skipped { more: false }) | Ok(Claimed::Empty) => {}
+            // A producer's edit replaced the head between the look and the claim.
+            Ok(Claimed::NotDurable) => {
+                *not_durable = true;
+                self.ring.push_back(account.clone());
+            }
+            Err(e) => {
+                // The queue put the job back (or dropped an unreadable one); keep the account
+                // in the ring: a claim that finds nothing ready removes it.
+                tracing::error!(account = %account, error = %e, "cannot read a claimed job");
+                self.ring.push_back(account.clone());
+            }
+        }
+        None
     }
 
     /// Sends the parked sends whose mark is on disk and whose limiter allows. Returns whether
