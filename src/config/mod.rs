@@ -106,7 +106,8 @@ pub struct StorageConfig {
     /// last use, then forgotten: its ref is free again and answers `not_found`.
     #[serde(deserialize_with = "de_duration")]
     pub ref_retention: Duration,
-    /// Most messages remembered at once (by ref, or as deleted): about 0.5 KB of memory each.
+    /// Most messages remembered at once (by ref, or as deleted): about 0.5 KB of memory each
+    /// (the default, 100,000, about 50 MB).
     /// A send of a new ref or a delete of a new message beyond it answers `queue_full`.
     pub max_refs: u64,
 }
@@ -249,7 +250,7 @@ impl Default for StorageConfig {
             min_free_bytes: 256 * 1024 * 1024,
             shrink_above_bytes: 64 * 1024 * 1024,
             ref_retention: Duration::from_secs(7 * 24 * 3600),
-            max_refs: 1_000_000,
+            max_refs: 100_000,
         }
     }
 }
