@@ -6,6 +6,8 @@
 //!   characters; its Zoom body is JSON naming exactly its fields, with `content` a non-empty
 //!   object kept as the producer's text; and writing the edit back as a request line parses to
 //!   the same edit;
+//! - an accepted send, delete or status names its message by an identifier within its limits,
+//!   and a send's Zoom body is JSON with its `to_jid` and its content as given;
 //! - a refusal's answer line is one line of JSON, `{"ok":false,"error":CODE,"message":TEXT}`.
 //!
 //! "Valid JSON" means RFC 8259's grammar, as the parser itself checks it: content is kept as raw
@@ -23,7 +25,8 @@ use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use zoomq::protocol::{
-    parse_request, Edit, ProtocolError, Request, MAX_ID_BYTES, MAX_MESSAGE_ID_BYTES,
+    parse_request, Edit, ProtocolError, Request, Send, Target, MAX_ID_BYTES,
+    MAX_MESSAGE_ID_BYTES, MAX_REF_BYTES,
 };
 
 fuzz_target!(|line: &[u8]| {
@@ -32,10 +35,65 @@ fuzz_target!(|line: &[u8]| {
             check_edit(&edit);
             check_round_trip(&edit);
         }
+        Ok(Request::Send(send)) => check_send(&send),
+        Ok(Request::Delete(delete)) => {
+            check_target(&delete.target);
+            check_identifier("account_id", &delete.account_id, MAX_ID_BYTES);
+            check_identifier("robot_jid", &delete.robot_jid, MAX_ID_BYTES);
+        }
+        Ok(Request::Status(status)) => {
+            check_target(&status.target);
+            check_identifier("account_id", &status.account_id, MAX_ID_BYTES);
+            check_identifier("robot_jid", &status.robot_jid, MAX_ID_BYTES);
+        }
         Ok(_) => {}
         Err(error) => check_error_line(&error),
     }
 });
+
+fn check_target(target: &Target) {
+    match target {
+        Target::MessageId(id) => check_identifier("message_id", id, MAX_MESSAGE_ID_BYTES),
+        Target::Ref(reference) => check_identifier("ref", reference, MAX_REF_BYTES),
+    }
+}
+
+/// A send's Zoom body as the daemon builds it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendBody<'a> {
+    robot_jid: String,
+    to_jid: String,
+    account_id: String,
+    #[serde(borrow)]
+    content: &'a RawValue,
+    user_jid: Option<String>,
+    visible_to_user: Option<String>,
+    reply_to: Option<String>,
+    is_markdown_support: Option<bool>,
+}
+
+fn check_send(send: &Send) {
+    check_identifier("ref", &send.reference, MAX_REF_BYTES);
+    check_identifier("account_id", &send.account_id, MAX_ID_BYTES);
+    check_identifier("robot_jid", &send.robot_jid, MAX_ID_BYTES);
+    check_identifier("to_jid", &send.to_jid, MAX_ID_BYTES);
+    let body_bytes = send.zoom_body();
+    let body: SendBody<'_> = serde_json::from_slice(&body_bytes).unwrap_or_else(|e| {
+        panic!(
+            "the send's zoom_body is not the expected JSON ({e}): {}",
+            String::from_utf8_lossy(&body_bytes)
+        )
+    });
+    assert_eq!(body.robot_jid, send.robot_jid);
+    assert_eq!(body.to_jid, send.to_jid);
+    assert_eq!(body.account_id, send.account_id);
+    assert_eq!(body.user_jid, send.user_jid);
+    assert_eq!(body.visible_to_user, send.visible_to_user);
+    assert_eq!(body.reply_to, send.reply_to);
+    assert_eq!(body.is_markdown_support, send.is_markdown_support);
+    assert_eq!(body.content.get(), send.content.get(), "content is sent as given");
+}
 
 /// Zoom's request body as the daemon builds it.
 #[derive(Deserialize)]
@@ -72,7 +130,7 @@ fn check_identifier(field: &str, value: &str, max_bytes: usize) {
 }
 
 fn check_edit(edit: &Edit) {
-    check_identifier("message_id", &edit.message_id, MAX_MESSAGE_ID_BYTES);
+    check_target(&edit.target);
     check_identifier("account_id", &edit.account_id, MAX_ID_BYTES);
     check_identifier("robot_jid", &edit.robot_jid, MAX_ID_BYTES);
     if let Some(user_jid) = &edit.user_jid {
@@ -131,7 +189,10 @@ fn check_round_trip(edit: &Edit) {
         fields.insert(name.into(), serde_json::Value::String(value.into()));
     };
     put("op", "edit");
-    put("message_id", &edit.message_id);
+    match &edit.target {
+        Target::MessageId(id) => put("message_id", id),
+        Target::Ref(reference) => put("ref", reference),
+    }
     put("account_id", &edit.account_id);
     put("robot_jid", &edit.robot_jid);
     if let Some(user_jid) = &edit.user_jid {
@@ -153,7 +214,7 @@ fn check_round_trip(edit: &Edit) {
         Ok(other) => panic!("{line} parsed as {other:?}"),
         Err(e) => panic!("{line} refused: {e}"),
     };
-    assert_eq!(again.message_id, edit.message_id);
+    assert_eq!(again.target, edit.target);
     assert_eq!(again.account_id, edit.account_id);
     assert_eq!(again.robot_jid, edit.robot_jid);
     assert_eq!(again.user_jid, edit.user_jid);
