@@ -29,12 +29,7 @@ impl Core {
         let now = now_ms();
         if held && purged && record.message_id.is_none() && !record.deleted {
             // Its content waiting out of line goes with it.
-            if let Some((seq, loc)) = self.state.drop_pending(key) {
-                if let Some(loc) = loc {
-                    self.ledger.done(loc);
-                }
-                self.overlay.remove(&seq);
-            }
+            self.drop_pending(key);
             self.state.release(key, now);
             if let Some(record) = self.refs.remove(key, None) {
                 self.ops.push(del_ref(&record.name));

@@ -193,11 +193,7 @@ impl Queue {
             let enqueued = Enqueued { job_id, coalesced };
             (enqueued, self.shared.commit_locked(core))
         };
-        self.accepted(commit, "edit").await?;
-        if enqueued.coalesced {
-            self.shared.metrics.edits_coalesced.inc();
-        }
-        Ok(enqueued)
+        self.accepted_content(commit, "edit", enqueued).await
     }
 
     /// Makes one send durable: a new message for an unknown ref, else new content of the
@@ -251,11 +247,7 @@ impl Queue {
             let enqueued = Enqueued { job_id, coalesced };
             (enqueued, self.shared.commit_locked(core))
         };
-        self.accepted(commit, "send").await?;
-        if enqueued.coalesced {
-            self.shared.metrics.edits_coalesced.inc();
-        }
-        Ok(enqueued)
+        self.accepted_content(commit, "send", enqueued).await
     }
 
     /// Makes a delete durable: it replaces the message's pending content, or cancels a send
@@ -296,12 +288,7 @@ impl Queue {
             let deleted = if unsent && in_flight == 0 {
                 // Never sent and nothing on its way: Zoom never hears of this message. (A send
                 // whose outcome was unknown may have posted it; nothing can name that one.)
-                if let Some((seq, loc)) = core.state.drop_pending(named.key) {
-                    if let Some(loc) = loc {
-                        core.ledger.done(loc);
-                    }
-                    core.overlay.remove(&seq);
-                }
+                core.drop_pending(named.key);
                 if let Some(held) = record.held.take() {
                     if core.remove_dead(held.seq) {
                         record.dead_letters = record.dead_letters.saturating_sub(1);
@@ -467,6 +454,20 @@ impl Queue {
             drop(self.shared.commit_locked(core));
         }
         forgotten
+    }
+
+    /// [`Queue::accepted`] for new content, also counting it coalesced when it was.
+    async fn accepted_content(
+        &self,
+        commit: Commit,
+        op: &'static str,
+        enqueued: Enqueued,
+    ) -> Result<Enqueued, EnqueueError> {
+        self.accepted(commit, op).await?;
+        if enqueued.coalesced {
+            self.shared.metrics.edits_coalesced.inc();
+        }
+        Ok(enqueued)
     }
 
     /// Waits for an intake's commit and counts it.

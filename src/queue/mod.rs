@@ -304,10 +304,9 @@ impl Queue {
         let (store, mut committer) = Store::open(&config.path, config.cache_capacity)?;
         let migrated = recovery::migrate_v1(&store, &mut committer)?;
         let first_new_record = store.last_record()?.map_or(1, |r| r + 1);
-        let state = State::new(store.next_seq()?);
+        let mut state = State::new(store.next_seq()?);
         // Remembered messages are read before anything is served (they are few next to a
         // backlog of edits: one per ref in use or message deleted lately).
-        let mut state = state;
         let mut refs = Refs::default();
         for record in store.refs() {
             let record = record?;
@@ -488,6 +487,17 @@ fn join(slot: &Mutex<Option<std::thread::JoinHandle<()>>>, name: &str) {
 }
 
 impl Core {
+    /// Drops the message's pending job unsent (a delete cancelled it, its dead letter was
+    /// purged, or a stored delete outranks it): its entry retires and it needs no commit.
+    fn drop_pending(&mut self, key: state::MessageKey) {
+        if let Some((seq, loc)) = self.state.drop_pending(key) {
+            if let Some(loc) = loc {
+                self.ledger.done(loc);
+            }
+            self.overlay.remove(&seq);
+        }
+    }
+
     /// Deletes dead letter `seq` (both keys) if it still exists; returns whether it did.
     fn remove_dead(&mut self, seq: u64) -> bool {
         if !self.dead.remove(&seq) {

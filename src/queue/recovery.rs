@@ -102,9 +102,7 @@ pub(super) fn recover(
                         // Content accepted meanwhile for a message whose delete was
                         // accepted before: the delete stands, nothing follows it.
                         let key = core.state.key(entry.message_id);
-                        if let Some((_, Some(loc))) = core.state.drop_pending(key) {
-                            core.ledger.done(loc);
-                        }
+                        core.drop_pending(key);
                         superseded += 1;
                     } else if fresh.contains(&existing) {
                         core.ledger.done(loc);
