@@ -31,11 +31,13 @@ use toml::Spanned;
 
 use crate::plan::Plan;
 
+mod nats;
 mod read;
 #[cfg(test)]
 mod tests;
 
 use self::read::*;
+pub use nats::{Backend, NatsConfig};
 
 /// The standard socket path, used when neither `--socket` nor a config file names one.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/zoomq/zoomq.sock";
@@ -51,6 +53,8 @@ pub struct Config {
     pub zoom: ZoomConfig,
     pub delivery: DeliveryConfig,
     pub metrics: MetricsConfig,
+    /// The cluster mode's NATS (`storage.backend = "nats"`).
+    pub nats: NatsConfig,
     /// Per-account overrides, keyed by Zoom `account_id`.
     pub accounts: BTreeMap<String, AccountConfig>,
 }
@@ -87,7 +91,10 @@ pub struct SocketConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
-    /// Directory of the sled database.
+    /// Where the queue lives: `sled` (embedded, under `path`) or `nats` (several daemons as
+    /// one service, see `[nats]`).
+    pub backend: Backend,
+    /// Directory of the sled database (unused with the `nats` backend).
     pub path: PathBuf,
     /// Pending edits beyond which enqueue answers `queue_full`.
     pub max_pending: u64,
@@ -244,6 +251,7 @@ impl Default for SocketConfig {
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
+            backend: Backend::Sled,
             path: PathBuf::from("/var/lib/zoomq"),
             max_pending: 1_000_000,
             cache_capacity: 8 * 1024 * 1024,
@@ -310,9 +318,13 @@ impl ConfigError {
 }
 
 /// Keys whose value is a secret, or says where one is kept: their values and the text of their
-/// lines never appear in any output. Cluster mode adds its NATS credentials and TLS private key
-/// entries here. Keys not listed are still covered by `SECRET_WORDS`.
-pub const SECRET_KEYS: &[&str] = &["zoom.client_secret", "zoom.client_secret_file"];
+/// lines never appear in any output. Keys not listed are still covered by `SECRET_WORDS`.
+pub const SECRET_KEYS: &[&str] = &[
+    "zoom.client_secret",
+    "zoom.client_secret_file",
+    "nats.credentials_file",
+    "nats.tls_key_file",
+];
 
 /// A key (or table) whose name contains one of these is taken for secret-bearing wherever it
 /// appears, misspelt or in the wrong table: `nats_password`, `tls.private_key`, `creds_file`...
@@ -325,7 +337,7 @@ const NOT_SECRET_KEYS: &[&str] = &["zoom.token_url"];
 
 /// The tables of the file, as in [`Config`].
 const SECTIONS: &[&str] = &[
-    "socket", "storage", "zoom", "delivery", "metrics", "accounts",
+    "socket", "storage", "zoom", "delivery", "metrics", "nats", "accounts",
 ];
 
 /// Whether the value at this key (path of table names and key) must never be shown.
@@ -529,6 +541,7 @@ impl Config {
                 ),
             ));
         }
+        nats::check(self, &mut problems);
         for (account, settings) in &self.accounts {
             if let Some(rate) = settings.rate {
                 if !(rate > 0.0 && rate <= 10_000.0) {

@@ -145,7 +145,15 @@ fn which_keys_are_secret() {
         .filter(|line| line.secret)
         .filter_map(|line| line.key.map(|key| dotted(&key)))
         .collect();
-    assert_eq!(keys, ["zoom.client_secret", "zoom.client_secret_file"]);
+    assert_eq!(
+        keys,
+        [
+            "zoom.client_secret",
+            "zoom.client_secret_file",
+            "nats.credentials_file",
+            "nats.tls_key_file"
+        ]
+    );
     assert!(!is_secret_key(&["accounts", "turnkey", "plan"]));
 }
 
@@ -207,4 +215,44 @@ fn account_overrides() {
     assert!(config.account_rate("acct-b") > 55.0 && config.account_rate("acct-b") <= 60.0);
     assert_eq!(config.account_daily_limit("other"), Some(2000));
     assert_eq!(config.account_daily_limit("acct-b"), None);
+}
+
+#[test]
+fn nats_backend_and_its_table() {
+    let config = Config::parse("").unwrap();
+    assert_eq!(config.storage.backend, Backend::Sled);
+    let message = problems("[storage]\nbackend = \"nats\"\n");
+    assert!(
+        message.contains("nats.servers") && message.contains("needs"),
+        "{message}"
+    );
+    let message = problems("[storage]\nbackend = \"redis\"\n");
+    assert!(
+        message.contains("storage.backend") && message.contains("redis"),
+        "{message}"
+    );
+    let text = "[storage]\nbackend = \"nats\"\n[nats]\n\
+                servers = [\"nats://127.0.0.1:4222\", \"http://x:1\", \"nats://u:hunter2@h\"]\n\
+                prefix = \"a.b\"\nreplicas = 7\nlease_ttl = \"1s\"\ntls_cert_file = \"/c\"\n\
+                credentials_file = \"/etc/hunter3/creds\"\n";
+    let message = problems(text);
+    for key in [
+        "nats.servers: expected a server URL",
+        "nats.servers: expected host:port",
+        "nats.prefix",
+        "nats.replicas",
+        "nats.lease_ttl",
+        "nats.tls_key_file: set both",
+        "nats.tls_cert_file: cannot read /c",
+        "nats.credentials_file: cannot read the file it names",
+    ] {
+        assert!(message.contains(key), "{key} missing from {message}");
+    }
+    assert!(!message.contains("hunter"), "{message}");
+    let good = "[zoom]\nclient_id = \"c\"\nclient_secret = \"s\"\n[storage]\nbackend = \"nats\"\n\
+                [nats]\nservers = [\"nats://10.0.0.1:4222\", \"tls://h:4443\"]\nreplicas = 1\n";
+    assert_eq!(problems(good), "");
+    let config = Config::parse(good).unwrap();
+    assert!(config.nats.wants_tls());
+    assert_eq!(config.nats.lease_ttl, Duration::from_secs(5));
 }
