@@ -32,11 +32,13 @@ pub use delivery::{Claimed, Head};
 mod outcome;
 pub use outcome::SentMessage;
 mod entry;
+mod kv;
 mod ledger;
 mod lifecycle;
 pub use lifecycle::{describe, Deleted};
 mod recovery;
 mod refs;
+mod sled_kv;
 mod slab;
 mod state;
 mod store;
@@ -182,9 +184,11 @@ struct Shared {
     writer_wake: Condvar,
     /// The writer thread, joined by `close` once it has committed everything.
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Read handle on sled; `None` while the database is being reopened after a failure.
+    /// Read handle on the storage; `None` while it is being reopened after a failure.
     store: RwLock<Option<Store>>,
-    /// Where and how to reopen it.
+    /// Where the queue is stored, and how to reopen it.
+    medium: Box<dyn kv::Medium>,
+    /// Its limits.
     storage: crate::config::StorageConfig,
     max_pending: u64,
     metrics: Arc<Metrics>,
@@ -301,7 +305,12 @@ impl Queue {
         #[cfg(test)] steps: Option<RecoverySteps>,
     ) -> Result<(Queue, mpsc::UnboundedReceiver<Arc<str>>), StoreError> {
         let started = Instant::now();
-        let (store, mut committer) = Store::open(&config.path, config.cache_capacity)?;
+        let medium: Box<dyn kv::Medium> = Box::new(sled_kv::SledMedium {
+            path: config.path.clone(),
+            cache_capacity: config.cache_capacity,
+        });
+        let (kv, mut committer) = medium.open()?;
+        let store = Store::new(kv);
         let migrated = recovery::migrate_v1(&store, &mut committer)?;
         let first_new_record = store.last_record()?.map_or(1, |r| r + 1);
         let mut state = State::new(store.next_seq()?);
@@ -339,7 +348,9 @@ impl Queue {
                 overlay: HashMap::new(),
                 batch_gen: 1,
                 failure: None,
-                space_low: writer::low_space(&config.path, config.min_free_bytes),
+                space_low: medium
+                    .free_space()
+                    .filter(|free| *free < config.min_free_bytes),
                 closing: false,
                 writer_waiting: false,
                 recovery_failure: None,
@@ -348,6 +359,7 @@ impl Queue {
             writer_wake: Condvar::new(),
             writer: Mutex::new(None),
             store: RwLock::new(Some(store.clone())),
+            medium,
             storage: config.clone(),
             max_pending: config.max_pending,
             metrics,
@@ -456,7 +468,7 @@ impl Queue {
         if let Ok(size) = self.size_on_disk() {
             metrics.storage_size.set(size as i64);
         }
-        if let Some(free) = writer::free_space(&self.shared.storage.path) {
+        if let Some(free) = self.shared.medium.free_space() {
             metrics.storage_free.set(free as i64);
         }
         metrics

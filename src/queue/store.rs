@@ -1,8 +1,9 @@
-//! The on-disk form of the queue, and the only code that touches sled.
+//! The queue's layout on its storage medium ([`Kv`]: sled, or JetStream in the cluster mode):
+//! keys, encoding, and the reads built on them.
 //!
 //! # On-disk layout
-//! One sled tree (the default one), so that a group commit is one atomic `apply_batch`. Edits
-//! are not stored one sled key each: a group commit writes its new edits as a few *records*
+//! One ordered map, so that a group commit is one atomic batch. Edits are not stored one key
+//! each: a group commit writes its new edits as a few *records*
 //! of up to [`RECORD_BODY_BYTES`] of bodies, so a million pending edits need tens of thousands
 //! of keys, not millions, and each commit costs sled a handful of inserts whatever its size.
 //! Keys are a one-byte prefix and a big-endian number, so each prefix scans in order:
@@ -27,22 +28,15 @@
 //!
 //! Databases written by earlier versions (`j` + id header, `c` + id content) are converted at
 //! open: see [`Store::v1_jobs`].
-//!
-//! # Durability
-//! sled 0.34's `flush` writes its log with `sync_file_range`, which neither flushes the disk's
-//! write cache nor persists the file's new size (sled issue 1452), and it writes large values
-//! ("blobs") to their own files without any sync. [`Committer::commit`] therefore follows every
-//! flush with `fdatasync` of the log file and `fsync` of blob files created since the last
-//! commit and of their directory. After `commit` returns, the batch survives power loss on a
-//! disk that honours flushes.
 
-use std::collections::HashSet;
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub use super::entry::{encode_header, entries, EntryRef, JobHeader, JobOp, Malformed};
+pub use super::kv::{Op, StoreError};
+use super::kv::{Commit, Kv};
 use super::refs::RefRecord;
 
 /// Bodies per record before it is sealed and a new one started. Small enough that sled keeps
@@ -69,25 +63,6 @@ pub struct DeadRecord {
     /// there were other calls than edits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub call: Option<String>,
-}
-
-/// One write of a group commit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
-    Put(Vec<u8>, Vec<u8>),
-    Del(Vec<u8>),
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("storage error: {0}")]
-    Sled(#[from] sled::Error),
-    #[error("storage I/O error: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("storage is being reopened after a failure")]
-    Reopening,
-    #[error("corrupt record under key {key}: {detail}")]
-    Corrupt { key: String, detail: String },
 }
 
 impl From<Malformed> for StoreError {
@@ -178,8 +153,8 @@ pub fn put_next_seq(next_seq: u64) -> Op {
 /// A stored record's headers and done bitmap, as recovery reads them.
 pub struct StoredRecord {
     pub record: u64,
-    pub headers: sled::IVec,
-    pub done: Option<sled::IVec>,
+    pub headers: Bytes,
+    pub done: Option<Bytes>,
 }
 
 /// A claimed job as read back from its record.
@@ -190,138 +165,24 @@ pub struct Loaded {
     pub body: Vec<u8>,
 }
 
-/// A read handle on the database; cheap to clone and usable from any thread.
+/// A read handle on the queue's storage; cheap to clone and usable from any thread.
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
+    kv: Arc<dyn Kv>,
 }
 
-/// The write side: owned by the queue's single writer thread.
-pub struct Committer {
-    db: sled::Db,
-    path: PathBuf,
-    log_file: File,
-    synced_blobs: HashSet<std::ffi::OsString>,
-}
+/// The write side, owned by the queue's single writer thread.
+pub type Committer = Box<dyn Commit>;
 
 impl Store {
-    pub fn open(path: &Path, cache_capacity: u64) -> Result<(Store, Committer), StoreError> {
-        std::fs::create_dir_all(path)?;
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_capacity)
-            .mode(sled::Mode::HighThroughput)
-            // Every group commit flushes explicitly; a background flusher would only add I/O.
-            .flush_every_ms(None)
-            .open()?;
-        let log_file = File::open(path.join("db"))?;
-        let mut committer = Committer {
-            db: db.clone(),
-            path: path.to_path_buf(),
-            log_file,
-            synced_blobs: HashSet::new(),
-        };
-        // Blobs left by an earlier run were synced then, or are garbage sled will collect.
-        committer.synced_blobs = committer.blob_names()?;
-        let store = Store { db };
-        Ok((store, committer))
-    }
-}
-
-impl Committer {
-    /// Deletes the database's files and creates an empty database in their place, for a queue
-    /// that holds nothing (the caller makes sure, and keeps everyone out meanwhile). sled never
-    /// shrinks its file; this is how the space of a drained backlog comes back. Old handles may
-    /// linger in sled's I/O threads for a moment: they keep the unlinked files, not the new
-    /// ones.
-    pub fn rebuild_empty(self, cache_capacity: u64) -> Result<(Store, Committer), StoreError> {
-        let path = self.path.clone();
-        drop(self);
-        // In this order, each step made durable before the next, so that whatever a crash
-        // leaves opens as an empty database: without its snapshots sled reads its log again,
-        // a missing log is a new one, orphaned blobs are never read, `conf` alone is nothing.
-        let sync_dir = || File::open(&path).and_then(|d| d.sync_all());
-        let mut names: Vec<(u8, std::ffi::OsString)> = Vec::new();
-        for entry in std::fs::read_dir(&path)? {
-            let name = entry?.file_name();
-            let step = match name.to_string_lossy() {
-                n if n.starts_with("snap.") => 0,
-                n if n == "db" => 1,
-                n if n == "blobs" => 2,
-                n if n == "conf" => 3,
-                _ => continue,
-            };
-            names.push((step, name));
-        }
-        names.sort();
-        for (step, name) in names {
-            let target = path.join(&name);
-            if step == 2 {
-                std::fs::remove_dir_all(target)?;
-            } else {
-                std::fs::remove_file(target)?;
-            }
-            sync_dir()?;
-        }
-        Store::open(&path, cache_capacity)
-    }
-
-    /// Applies a batch atomically and makes it durable (see the module documentation).
-    pub fn commit(&mut self, ops: &[Op]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for op in ops {
-            match op {
-                Op::Put(k, v) => batch.insert(k.as_slice(), v.as_slice()),
-                Op::Del(k) => batch.remove(k.as_slice()),
-            }
-        }
-        self.db.apply_batch(batch)?;
-        self.db.flush()?;
-        self.log_file.sync_data()?;
-        self.sync_new_blobs()
-    }
-
-    fn blob_names(&self) -> Result<HashSet<std::ffi::OsString>, StoreError> {
-        let dir = self.path.join("blobs");
-        let mut names = HashSet::new();
-        match std::fs::read_dir(&dir) {
-            Ok(entries) => {
-                for entry in entries {
-                    names.insert(entry?.file_name());
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e.into()),
-        }
-        Ok(names)
-    }
-
-    fn sync_new_blobs(&mut self) -> Result<(), StoreError> {
-        let names = self.blob_names()?;
-        let mut any_new = false;
-        for name in &names {
-            if !self.synced_blobs.contains(name) {
-                let path = self.path.join("blobs").join(name);
-                match File::open(&path) {
-                    Ok(file) => file.sync_all()?,
-                    // sled garbage-collected it meanwhile: nothing to make durable.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e.into()),
-                }
-                any_new = true;
-            }
-        }
-        if any_new {
-            File::open(self.path.join("blobs"))?.sync_all()?;
-        }
-        self.synced_blobs = names;
-        Ok(())
+    pub fn new(kv: Arc<dyn Kv>) -> Store {
+        Store { kv }
     }
 }
 
 impl Store {
     pub fn next_seq(&self) -> Result<u64, StoreError> {
-        Ok(match self.db.get(NEXT_SEQ_KEY)? {
+        Ok(match self.kv.get(NEXT_SEQ_KEY)? {
             Some(value) => {
                 u64::from_be_bytes(value.as_ref().try_into().map_err(|_| StoreError::Corrupt {
                     key: "next_seq".into(),
@@ -335,10 +196,10 @@ impl Store {
     /// Every stored record's headers and done bitmap, in record order. Reads only the `h` and
     /// `x` keys, never a body.
     pub fn records(&self) -> impl Iterator<Item = Result<StoredRecord, StoreError>> + '_ {
-        self.db.scan_prefix([HEADERS]).map(move |item| {
+        self.kv.scan_prefix(&[HEADERS]).map(move |item| {
             let (k, headers) = item?;
             let record = number_of(&k)?;
-            let done = self.db.get(key(DONE, record))?;
+            let done = self.kv.get(&key(DONE, record))?;
             Ok(StoredRecord {
                 record,
                 headers,
@@ -349,22 +210,22 @@ impl Store {
 
     /// The highest record number stored, if any (a seek, not a scan).
     pub fn last_record(&self) -> Result<Option<u64>, StoreError> {
-        match self.db.scan_prefix([HEADERS]).keys().next_back() {
-            Some(k) => Ok(Some(number_of(&k?)?)),
+        match self.kv.last_key(&[HEADERS])? {
+            Some(k) => Ok(Some(number_of(&k)?)),
             None => Ok(None),
         }
     }
 
     /// The header, ack time and body of entry `index` of `record`.
     pub fn load(&self, record: u64, index: u32) -> Result<Option<Loaded>, StoreError> {
-        let Some(headers) = self.db.get(key(HEADERS, record))? else {
+        let Some(headers) = self.kv.get(&key(HEADERS, record))? else {
             return Ok(None);
         };
         let Some((entry, offset)) = entries(record, &headers).nth(index as usize).transpose()?
         else {
             return Ok(None);
         };
-        let Some(bodies) = self.db.get(key(BODIES, record))? else {
+        let Some(bodies) = self.kv.get(&key(BODIES, record))? else {
             return Err(corrupt(BODIES, record, "record has headers but no bodies"));
         };
         let start = offset as usize;
@@ -382,7 +243,7 @@ impl Store {
 
     /// The enqueue time of every entry of `record`, in entry order (one read, no body).
     pub fn enqueue_times(&self, record: u64) -> Result<Option<Vec<u64>>, StoreError> {
-        let Some(headers) = self.db.get(key(HEADERS, record))? else {
+        let Some(headers) = self.kv.get(&key(HEADERS, record))? else {
             return Ok(None);
         };
         let times = entries(record, &headers).map(|e| e.map(|(entry, _)| entry.enqueued_ms));
@@ -395,7 +256,7 @@ impl Store {
 
     /// A dead letter's ack time and body.
     pub fn dead_body(&self, seq: u64) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        Ok(match self.db.get(key(DEAD_BODY, seq))? {
+        Ok(match self.kv.get(&key(DEAD_BODY, seq))? {
             Some(value) if value.len() >= 8 => {
                 let updated_ms = u64::from_be_bytes(value[..8].try_into().expect("8 bytes"));
                 Some((updated_ms, value[8..].to_vec()))
@@ -407,7 +268,7 @@ impl Store {
 
     /// Dead letters in job-id order.
     pub fn dead_records(&self) -> impl Iterator<Item = Result<(u64, DeadRecord), StoreError>> + '_ {
-        self.db.scan_prefix([DEAD]).map(|item| {
+        self.kv.scan_prefix(&[DEAD]).map(|item| {
             let (k, v) = item?;
             let seq = number_of(&k)?;
             let record =
@@ -418,7 +279,7 @@ impl Store {
 
     /// Every remembered message (see `queue::refs`).
     pub fn refs(&self) -> impl Iterator<Item = Result<RefRecord, StoreError>> + '_ {
-        self.db.scan_prefix([REFS]).map(|item| {
+        self.kv.scan_prefix(&[REFS]).map(|item| {
             let (k, v) = item?;
             serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
                 key: String::from_utf8_lossy(&k).into_owned(),
@@ -430,14 +291,14 @@ impl Store {
     /// The job ids of every dead letter.
     pub fn dead_seqs(&self) -> Result<std::collections::HashSet<u64>, StoreError> {
         let mut seqs = std::collections::HashSet::new();
-        for item in self.db.scan_prefix([DEAD]).keys() {
-            seqs.insert(number_of(&item?)?);
+        for item in self.kv.scan_prefix(&[DEAD]) {
+            seqs.insert(number_of(&item?.0)?);
         }
         Ok(seqs)
     }
 
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.db.size_on_disk()?)
+        self.kv.size_on_disk()
     }
 
     /// Jobs of a database written before records existed (`j` + id header, `c` + id
@@ -447,14 +308,14 @@ impl Store {
     pub fn v1_jobs(
         &self,
     ) -> impl Iterator<Item = Result<(u64, JobHeader, u64, Vec<u8>), StoreError>> + '_ {
-        self.db.scan_prefix([V1_JOB]).map(move |item| {
+        self.kv.scan_prefix(&[V1_JOB]).map(move |item| {
             let (k, v) = item?;
             let seq = number_of(&k)?;
             let header: JobHeader =
                 serde_json::from_slice(&v).map_err(|e| corrupt(V1_JOB, seq, e.to_string()))?;
             let content = self
-                .db
-                .get(key(V1_CONTENT, seq))?
+                .kv
+                .get(&key(V1_CONTENT, seq))?
                 .filter(|c| c.len() >= 8)
                 .ok_or_else(|| corrupt(V1_CONTENT, seq, "missing or shorter than 8 bytes"))?;
             let updated_ms = u64::from_be_bytes(content[..8].try_into().expect("8 bytes"));
@@ -466,9 +327,9 @@ impl Store {
     /// `e` + id (the value keeps its form).
     pub fn v1_dead_bodies(&self) -> Result<Vec<Op>, StoreError> {
         let mut ops = Vec::new();
-        for item in self.db.scan_prefix([DEAD]).keys() {
-            let seq = number_of(&item?)?;
-            if let Some(content) = self.db.get(key(V1_CONTENT, seq))? {
+        for item in self.kv.scan_prefix(&[DEAD]) {
+            let seq = number_of(&item?.0)?;
+            if let Some(content) = self.kv.get(&key(V1_CONTENT, seq))? {
                 ops.push(Op::Del(key(V1_CONTENT, seq)));
                 ops.push(Op::Put(key(DEAD_BODY, seq), content.to_vec()));
             }
@@ -481,7 +342,7 @@ impl Store {
         prefix: u8,
         seq: u64,
     ) -> Result<Option<T>, StoreError> {
-        match self.db.get(key(prefix, seq))? {
+        match self.kv.get(&key(prefix, seq))? {
             Some(v) => serde_json::from_slice(&v)
                 .map(Some)
                 .map_err(|e| corrupt(prefix, seq, e.to_string())),
@@ -493,19 +354,23 @@ impl Store {
 /// Writes jobs and a dead letter in the layout of earlier versions, to test the conversion.
 #[cfg(test)]
 pub fn write_v1(
-    path: &Path,
+    path: &std::path::Path,
     jobs: &[(u64, JobHeader, &str)],
     dead: &[(u64, DeadRecord, &str)],
 ) -> Result<(), StoreError> {
-    let db = sled::open(path)?;
+    let (_, mut commit) = super::sled_kv::open_for_test(path)?;
     let content = |body: &str| [&7u64.to_be_bytes()[..], body.as_bytes()].concat();
+    let mut ops = Vec::new();
     for (seq, header, body) in jobs {
-        db.insert(key(V1_JOB, *seq), serde_json::to_vec(header).expect("json"))?;
-        db.insert(key(V1_CONTENT, *seq), content(body))?;
+        ops.push(Op::Put(
+            key(V1_JOB, *seq),
+            serde_json::to_vec(header).expect("json"),
+        ));
+        ops.push(Op::Put(key(V1_CONTENT, *seq), content(body)));
     }
     for (seq, record, body) in dead {
-        db.insert(key(DEAD, *seq), serde_json::to_vec(record).expect("json"))?;
-        db.insert(key(V1_CONTENT, *seq), content(body))?;
+        ops.push(Op::Put(key(DEAD, *seq), serde_json::to_vec(record).expect("json")));
+        ops.push(Op::Put(key(V1_CONTENT, *seq), content(body)));
     }
     let last = jobs
         .iter()
@@ -513,7 +378,6 @@ pub fn write_v1(
         .chain(dead.iter().map(|d| d.0))
         .max();
     let last = last.unwrap_or(0);
-    db.insert(NEXT_SEQ_KEY, &(last + 1).to_be_bytes()[..])?;
-    db.flush()?;
-    Ok(())
+    ops.push(Op::Put(NEXT_SEQ_KEY.to_vec(), (last + 1).to_be_bytes().to_vec()));
+    commit.commit(&ops)
 }

@@ -49,9 +49,7 @@ pub(super) async fn open(
     let mut tries = 0;
     loop {
         match Queue::open(&config, Arc::new(Metrics::new())) {
-            Err(StoreError::Sled(sled::Error::Io(e)))
-                if e.to_string().contains("could not acquire lock") && tries < 200 =>
-            {
+            Err(StoreError::Locked(_)) if tries < 200 => {
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(10));
             }

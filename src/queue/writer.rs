@@ -29,7 +29,7 @@ pub(super) fn writer_loop(shared: &Shared, committer: Committer) {
                         .wait_timeout(core, Duration::from_secs(1))
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
-                    core.space_low = low_space(&shared.storage.path, shared.storage.min_free_bytes);
+                    core.space_low = low_space(shared);
                     if core.space_low.is_none() {
                         tracing::info!("free space is back; accepting edits again");
                     }
@@ -78,7 +78,7 @@ pub(super) fn writer_loop(shared: &Shared, committer: Committer) {
                     // keep their overlay entries.
                     core.overlay.retain(|_, batch_gen| *batch_gen > taken_gen);
                     let was_low = core.space_low.is_some();
-                    core.space_low = low_space(&shared.storage.path, shared.storage.min_free_bytes);
+                    core.space_low = low_space(shared);
                     if let (false, Some(free)) = (was_low, core.space_low) {
                         tracing::error!(
                             free_bytes = free,
@@ -143,7 +143,7 @@ pub(super) fn writer_loop(shared: &Shared, committer: Committer) {
 /// closes meanwhile.
 fn shrink_if_drained(shared: &Shared, committer: Committer) -> Option<Committer> {
     let threshold = shared.storage.shrink_above_bytes;
-    if threshold == 0 {
+    if threshold == 0 || !shared.medium.shrinks() {
         return Some(committer);
     }
     // The emptiness test is in memory and comes first: this runs after every commit, and
@@ -179,11 +179,12 @@ fn shrink_if_drained(shared: &Shared, committer: Committer) -> Option<Committer>
         .unwrap_or_else(|e| e.into_inner())
         .take();
     drop(old);
-    let rebuilt = committer
-        .rebuild_empty(shared.storage.cache_capacity)
-        .and_then(|(store, mut committer)| {
+    let rebuilt = shared
+        .medium
+        .rebuild_empty(committer)
+        .and_then(|(kv, mut committer)| {
             committer.commit(&[super::store::put_next_seq(core.state.next_seq())])?;
-            Ok((store, committer))
+            Ok((Store::new(kv), committer))
         });
     match rebuilt {
         Ok((store, committer)) => {
@@ -247,20 +248,15 @@ fn reopen(shared: &Shared) -> Result<Committer, StoreError> {
             .name("zoomq-close-db".into())
             .spawn(move || drop(old));
     }
-    let (store, committer) = Store::open(&shared.storage.path, shared.storage.cache_capacity)?;
-    *shared.store.write().unwrap_or_else(|e| e.into_inner()) = Some(store);
+    let (kv, committer) = shared.medium.open()?;
+    *shared.store.write().unwrap_or_else(|e| e.into_inner()) = Some(Store::new(kv));
     tracing::info!("storage reopened");
     Ok(committer)
 }
 
-/// The free bytes on `path`'s filesystem if they are below `min_free`; `None` when there is
-/// enough (or when the figure cannot be read: then commits themselves will tell).
-pub(super) fn low_space(path: &std::path::Path, min_free: u64) -> Option<u64> {
-    free_space(path).filter(|free| *free < min_free)
-}
-
-/// Bytes available to unprivileged users on `path`'s filesystem.
-pub(super) fn free_space(path: &std::path::Path) -> Option<u64> {
-    let stat = rustix::fs::statvfs(path).ok()?;
-    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+/// The free bytes where the queue is stored if they are below `storage.min_free_bytes`; `None`
+/// when there is enough (or when the figure cannot be read: then commits themselves will tell).
+pub(super) fn low_space(shared: &Shared) -> Option<u64> {
+    let min_free = shared.storage.min_free_bytes;
+    shared.medium.free_space().filter(|free| *free < min_free)
 }
