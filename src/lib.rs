@@ -25,6 +25,7 @@ pub mod queue;
 pub mod retry;
 pub mod sandbox;
 pub mod systemd;
+pub mod testkit;
 pub mod zoom;
 
 use std::os::unix::fs::PermissionsExt;

@@ -35,11 +35,12 @@ mod entry;
 mod kv;
 mod ledger;
 mod lifecycle;
+pub mod nats_kv;
 pub use lifecycle::{describe, Deleted};
 mod recovery;
 mod refs;
-mod sled_kv;
 mod slab;
+mod sled_kv;
 mod state;
 mod store;
 mod writer;
@@ -282,6 +283,23 @@ impl Queue {
         metrics: Arc<Metrics>,
     ) -> Result<(Queue, mpsc::UnboundedReceiver<Arc<str>>), StoreError> {
         Self::open_inner(
+            sled_medium(config),
+            config,
+            metrics,
+            #[cfg(test)]
+            None,
+        )
+    }
+
+    /// [`Queue::open`] on a partition of the cluster mode, taken over by this daemon (its
+    /// limits from `config`, its data in JetStream).
+    pub fn open_partition(
+        partition: Arc<nats_kv::Partition>,
+        config: &crate::config::StorageConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Queue, mpsc::UnboundedReceiver<Arc<str>>), StoreError> {
+        Self::open_inner(
+            Box::new(nats_kv::NatsMedium(partition)),
             config,
             metrics,
             #[cfg(test)]
@@ -296,19 +314,21 @@ impl Queue {
         config: &crate::config::StorageConfig,
         steps: RecoverySteps,
     ) -> Result<(Queue, mpsc::UnboundedReceiver<Arc<str>>), StoreError> {
-        Self::open_inner(config, Arc::new(Metrics::new()), Some(steps))
+        Self::open_inner(
+            sled_medium(config),
+            config,
+            Arc::new(Metrics::new()),
+            Some(steps),
+        )
     }
 
     fn open_inner(
+        medium: Box<dyn kv::Medium>,
         config: &crate::config::StorageConfig,
         metrics: Arc<Metrics>,
         #[cfg(test)] steps: Option<RecoverySteps>,
     ) -> Result<(Queue, mpsc::UnboundedReceiver<Arc<str>>), StoreError> {
         let started = Instant::now();
-        let medium: Box<dyn kv::Medium> = Box::new(sled_kv::SledMedium {
-            path: config.path.clone(),
-            cache_capacity: config.cache_capacity,
-        });
         let (kv, mut committer) = medium.open()?;
         let store = Store::new(kv);
         let migrated = recovery::migrate_v1(&store, &mut committer)?;
@@ -488,6 +508,13 @@ impl Queue {
     }
 }
 
+fn sled_medium(config: &crate::config::StorageConfig) -> Box<dyn kv::Medium> {
+    Box::new(sled_kv::SledMedium {
+        path: config.path.clone(),
+        cache_capacity: config.cache_capacity,
+    })
+}
+
 /// Joins the thread in `slot`, if it is still there.
 fn join(slot: &Mutex<Option<std::thread::JoinHandle<()>>>, name: &str) {
     let thread = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -600,6 +627,8 @@ mod lifecycle_cases;
 mod lifecycle_tests;
 #[cfg(test)]
 mod model_tests;
+#[cfg(test)]
+mod nats_tests;
 #[cfg(test)]
 mod retention_tests;
 #[cfg(test)]

@@ -35,8 +35,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub use super::entry::{encode_header, entries, EntryRef, JobHeader, JobOp, Malformed};
-pub use super::kv::{Op, StoreError};
 use super::kv::{Commit, Kv};
+pub use super::kv::{Op, StoreError};
 use super::refs::RefRecord;
 
 /// Bodies per record before it is sealed and a new one started. Small enough that sled keeps
@@ -369,7 +369,10 @@ pub fn write_v1(
         ops.push(Op::Put(key(V1_CONTENT, *seq), content(body)));
     }
     for (seq, record, body) in dead {
-        ops.push(Op::Put(key(DEAD, *seq), serde_json::to_vec(record).expect("json")));
+        ops.push(Op::Put(
+            key(DEAD, *seq),
+            serde_json::to_vec(record).expect("json"),
+        ));
         ops.push(Op::Put(key(V1_CONTENT, *seq), content(body)));
     }
     let last = jobs
@@ -378,6 +381,9 @@ pub fn write_v1(
         .chain(dead.iter().map(|d| d.0))
         .max();
     let last = last.unwrap_or(0);
-    ops.push(Op::Put(NEXT_SEQ_KEY.to_vec(), (last + 1).to_be_bytes().to_vec()));
+    ops.push(Op::Put(
+        NEXT_SEQ_KEY.to_vec(),
+        (last + 1).to_be_bytes().to_vec(),
+    ));
     commit.commit(&ops)
 }

@@ -4,7 +4,7 @@ use super::*;
 use crate::config::StorageConfig;
 use crate::protocol::{parse_request, Edit, Request, Selector};
 
-fn edit(message: &str, account: &str, text: &str) -> Edit {
+pub(super) fn edit(message: &str, account: &str, text: &str) -> Edit {
     let line = format!(
         r#"{{"op":"edit","message_id":"{message}","account_id":"{account}","robot_jid":"bot@xmpp.zoom.us","content":{{"head":{{"text":"{text}"}}}}}}"#
     );
@@ -64,7 +64,7 @@ pub(super) async fn open(
 
 impl Queue {
     /// Claims, expecting every acknowledged write to be committed already.
-    fn claim_now(&self, account: &str) -> Option<Job> {
+    pub(super) fn claim_now(&self, account: &str) -> Option<Job> {
         match self.claim(account).unwrap() {
             Claimed::Job(job) => Some(job),
             Claimed::Empty => None,
@@ -74,7 +74,7 @@ impl Queue {
     }
 }
 
-fn text_of(job: &Job) -> String {
+pub(super) fn text_of(job: &Job) -> String {
     let body: serde_json::Value = serde_json::from_slice(&job.body).unwrap();
     body["content"]["head"]["text"]
         .as_str()
