@@ -535,14 +535,11 @@ impl Commit for NatsCommit {
                 let mut result = partition.publish_batch(chunk, expected, &token).await;
                 if let Err(BatchError::WrongLast) = result {
                     let unanswered = partition.lock().unanswered.clone();
-                    match partition.landed(&unanswered).await? {
-                        // An earlier attempt was stored after all; this one repeats its
-                        // writes (in the same order, so harmlessly) and adds the newer.
-                        Some(last) => {
-                            partition.lock().last = last;
-                            result = partition.publish_batch(chunk, last, &token).await;
-                        }
-                        None => {}
+                    // An earlier attempt was stored after all: this one repeats its
+                    // writes (in the same order, so harmlessly) and adds the newer.
+                    if let Some(last) = partition.landed(&unanswered).await? {
+                        partition.lock().last = last;
+                        result = partition.publish_batch(chunk, last, &token).await;
                     }
                 }
                 match result {
