@@ -25,11 +25,12 @@ use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, Decoder, Fram
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backend::Queue;
 use crate::config::SocketConfig;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::protocol::{self, ErrorCode, ProtocolError, Request};
-use crate::queue::{EnqueueError, Queue};
+use crate::queue::EnqueueError;
 
 /// The answer to a request the queue refused.
 fn refused(error: EnqueueError) -> ProtocolError {
@@ -308,14 +309,9 @@ impl Ingest {
             Request::Ping => Ok(("{\"ok\":true}".into(), false)),
             Request::Stats => Ok((self.stats_line(), false)),
             Request::DeadList { limit } => {
-                // Dead letters decided just before are written by the next commit.
-                self.queue.settled().await.map_err(|e| {
-                    ProtocolError::new(
-                        ErrorCode::Unavailable,
-                        format!("cannot read dead letters: {e}"),
-                    )
-                })?;
-                let dead = self.queue.dead_letters(limit).map_err(|e| {
+                // Dead letters decided just before are written by the next commit: the queue
+                // waits for it.
+                let dead = self.queue.dead_letters(limit).await.map_err(|e| {
                     ProtocolError::new(
                         ErrorCode::Unavailable,
                         format!("cannot read dead letters: {e}"),
@@ -348,12 +344,12 @@ impl Ingest {
     fn stats_line(&self) -> String {
         let stats = self.queue.stats();
         let m = &self.metrics;
-        let oldest = self.queue.oldest_age().ok().flatten();
+        let oldest = self.queue.oldest_age();
         let dead_lettered: u64 = ["rejected", "expired", "outcome_unknown"]
             .iter()
             .map(|reason| m.edits_dead_lettered.with_label_values(&[reason]).get())
             .sum();
-        serde_json::json!({
+        let mut line = serde_json::json!({
             "ok": true,
             "pending": stats.pending,
             "in_flight": stats.in_flight,
@@ -378,7 +374,10 @@ impl Ingest {
             "token_error": self.health.token_error(),
             // The rows of the per-account series ("accounts" above is a count, kept as it was).
             "per_account": m.account_rows(),
-        })
-        .to_string()
+        });
+        if let Some(cluster) = self.queue.cluster_view() {
+            line["cluster"] = cluster;
+        }
+        line.to_string()
     }
 }

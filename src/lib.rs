@@ -10,7 +10,9 @@
 //! - [`client`]: the CLI's side of the protocol; [`sandbox`]: a local fake Zoom; [`demo`].
 #![deny(unsafe_code)]
 
+pub mod backend;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod dispatch;
@@ -37,10 +39,11 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backend::Queue;
 use crate::config::Config;
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::queue::Queue;
+use crate::queue::LocalQueue;
 
 /// Binds the producer socket at `socket.path` with `socket.mode`, replacing a stale socket
 /// file left by a crashed daemon but refusing to steal one a live daemon is serving.
@@ -106,14 +109,26 @@ pub async fn run(
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let zoom = zoom::ZoomClient::new(zoom_settings, metrics.clone(), health.clone())
         .context("cannot build the Zoom client")?;
-    // The index is rebuilt in the background from here on (the queue logs "queue recovered"
-    // when done); edits are accepted and restored jobs delivered meanwhile.
-    let (queue, ready_rx) =
-        tokio::task::spawn_blocking(move || Queue::open(&storage, queue_metrics))
-            .await?
-            .with_context(|| {
-                format!("cannot open the queue in {}", config.storage.path.display())
-            })?;
+    let (queue, ready_rx) = match config.storage.backend {
+        // The index is rebuilt in the background from here on (the queue logs "queue
+        // recovered" when done); edits are accepted and restored jobs delivered meanwhile.
+        config::Backend::Sled => {
+            let (queue, ready_rx) =
+                tokio::task::spawn_blocking(move || LocalQueue::open(&storage, queue_metrics))
+                    .await?
+                    .with_context(|| {
+                        format!("cannot open the queue in {}", config.storage.path.display())
+                    })?;
+            (Queue::Local(queue), ready_rx)
+        }
+        // Retries until NATS answers; partitions are taken over in the background.
+        config::Backend::Nats => {
+            let (cluster, ready_rx) = cluster::Cluster::start(&config, queue_metrics, &cancel)
+                .await
+                .context("cannot join the cluster")?;
+            (Queue::Cluster(cluster), ready_rx)
+        }
+    };
 
     let tracker = TaskTracker::new();
     let http_cancel = CancellationToken::new();
@@ -219,7 +234,7 @@ pub async fn run(
         let _ = http_task.await;
     }
     // 3. Commit everything recorded (acknowledged edits were committed before their answer).
-    tokio::task::spawn_blocking(move || queue.close()).await?;
+    queue.close().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -67,6 +67,9 @@ pub struct Metrics {
     pub queue_pending: IntGauge,
     pub queue_in_flight: IntGauge,
     pub queue_dead: IntGauge,
+    /// Cluster mode: partitions this daemon owns, and daemons it sees (0 in the embedded mode).
+    pub cluster_partitions_owned: IntGauge,
+    pub cluster_daemons: IntGauge,
     pub queue_oldest_pending_age: prometheus::Gauge,
 
     /// Zoom answers to edit requests by `class`: 2xx, 4xx, 5xx, or `network` (no answer).
@@ -235,6 +238,16 @@ impl Metrics {
             queue_pending: gauge(r, "zoomq_queue_pending", "Jobs waiting to be sent (with content waiting for a dead letter)."),
             queue_in_flight: gauge(r, "zoomq_queue_in_flight", "Jobs being sent to Zoom."),
             queue_dead: gauge(r, "zoomq_queue_dead", "Jobs in the dead letters."),
+            cluster_partitions_owned: gauge(
+                r,
+                "zoomq_cluster_partitions_owned",
+                "Cluster mode: partitions of the accounts this daemon owns (paces and delivers).",
+            ),
+            cluster_daemons: gauge(
+                r,
+                "zoomq_cluster_daemons",
+                "Cluster mode: daemons of the deployment this one sees alive, itself included.",
+            ),
             queue_oldest_pending_age: float_gauge(
                 r,
                 "zoomq_queue_oldest_pending_age_seconds",

@@ -32,10 +32,11 @@ use tokio_util::task::TaskTracker;
 mod housekeeping;
 mod outcome;
 
+use crate::backend::Queue;
 use crate::health::Health;
 use crate::limiter::Limiters;
 use crate::metrics::Metrics;
-use crate::queue::{now_ms, Call, Claimed, Head, Job, Queue};
+use crate::queue::{now_ms, Call, Claimed, Head, Job};
 use crate::retry::RetryPolicy;
 use crate::zoom::{Outcome, ZoomClient};
 
@@ -356,7 +357,7 @@ impl Dispatcher {
         let mut waiting_commit = false;
         let mut wait: Option<Duration> = None;
         for (account, job) in std::mem::take(&mut self.parked) {
-            let durable = job.marked_batch.is_none_or(|b| self.queue.is_durable(b));
+            let durable = self.queue.is_durable(&job);
             if !durable {
                 waiting_commit = true;
                 self.parked.push((account, job));
@@ -410,9 +411,7 @@ impl Dispatcher {
                 match &job.call {
                     Call::Send { body } => {
                         // Only once the send is recorded as under way (see `Job::marked_batch`).
-                        if let Some(batch) = job.marked_batch {
-                            queue.durable(batch).await;
-                        }
+                        queue.durable(&job).await;
                         zoom.send_message(body).await
                     }
                     Call::Edit { message_id } => zoom.edit(message_id, &job.body).await,
@@ -439,6 +438,10 @@ impl Dispatcher {
                 // job stays as the claim left it: its records are untouched on disk, so after
                 // the restart it is pending again and sent again.
                 _ = abandon.cancelled() => return,
+                // Cluster mode: this daemon gave up or lost the job's partition. Its new owner
+                // sends the job again, after waiting out this one's window; the outcome of
+                // this attempt would be recorded nowhere.
+                _ = job.fence.cancelled() => return,
             };
             drop(permit);
             let _ = finished_tx.send(Finished {

@@ -34,7 +34,7 @@ pub enum Request {
 }
 
 /// Which dead letters an operator command applies to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Selector {
     One(u64),
     All,
@@ -42,14 +42,14 @@ pub enum Selector {
 
 /// How a request names its message: by Zoom's `message_id` or by the producer's own `ref`
 /// (unique per `account_id` + `robot_jid`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Target {
     MessageId(String),
     Ref(String),
 }
 
 /// A new message, named by the producer's `ref` (see ARCHITECTURE.md, "The life of a message").
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Send {
     pub reference: String,
     pub account_id: String,
@@ -96,7 +96,7 @@ impl Send {
 }
 
 /// One edit of a chat-bot message, as a producer sent it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Edit {
     pub target: Target,
     pub account_id: String,
@@ -132,7 +132,7 @@ impl Edit {
 }
 
 /// The deletion of a message.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Delete {
     pub target: Target,
     pub account_id: String,
@@ -142,7 +142,7 @@ pub struct Delete {
 
 /// A question about where a message stands; with `wait`, answered once it has a `message_id`
 /// or reached a final state (bounded by the configuration).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusQuery {
     pub target: Target,
     pub account_id: String,

@@ -5,7 +5,7 @@
 use super::refs::ref_of;
 use super::store::JobOp;
 use super::store::{del_ref, put_ref, EntryRef};
-use super::{now_ms, wait, Core, DeadOutcome, DeadRecord, JobHeader, Queue, StoreError};
+use super::{now_ms, wait, Core, DeadOutcome, DeadRecord, JobHeader, LocalQueue, StoreError};
 use crate::protocol::{DeadLetter, Selector};
 
 /// What becomes of a dead letter an operator put back.
@@ -74,7 +74,7 @@ impl Core {
     }
 }
 
-impl Queue {
+impl LocalQueue {
     /// Resolves once every change made so far is committed, so that what sled says next
     /// includes it (a dead letter is counted as soon as it is decided, but written by the next
     /// commit).
@@ -83,7 +83,7 @@ impl Queue {
     }
 
     /// Dead letters as producers and operators see them (named by ref where they were), in
-    /// job-id order, at most `limit` of them. Call [`Queue::settled`] first to see the latest.
+    /// job-id order, at most `limit` of them. Call [`LocalQueue::settled`] first to see the latest.
     pub fn dead_letters(&self, limit: Option<usize>) -> Result<Vec<DeadLetter>, StoreError> {
         let records = self.dead_list(limit)?;
         let core = self.shared.lock();
@@ -126,7 +126,7 @@ impl Queue {
             .collect())
     }
 
-    /// Dead letters in job-id order, at most `limit` of them. Call [`Queue::settled`] first
+    /// Dead letters in job-id order, at most `limit` of them. Call [`LocalQueue::settled`] first
     /// to see the latest ones.
     pub fn dead_list(&self, limit: Option<usize>) -> Result<Vec<(u64, DeadRecord)>, StoreError> {
         let store = self.shared.store()?;

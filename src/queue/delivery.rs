@@ -8,7 +8,7 @@
 
 use super::refs::ref_of;
 use super::store::{put_ref, JobOp, StoreError};
-use super::{now_ms, Call, Core, Job, Queue};
+use super::{now_ms, Call, Core, Job, LocalQueue};
 
 /// A send's body: the content job's edit-shaped body (robot_jid, account_id, content,
 /// user_jid, is_markdown_support, as `Edit::zoom_body` wrote it) with where the message goes,
@@ -41,10 +41,10 @@ pub enum Head {
     /// A job is ready to be claimed.
     Ready,
     /// The ready job is the send of a message named by a ref (or needs no request): claim it
-    /// before taking a rate-limit slot, and send it once [`Queue::is_durable`] says its mark
+    /// before taking a rate-limit slot, and send it once [`LocalQueue::is_durable`] says its mark
     /// is on disk, so that the slot is taken when the request really leaves.
     ClaimFirst,
-    /// The oldest ready job has writes not yet on disk: wait for [`Queue::committed`].
+    /// The oldest ready job has writes not yet on disk: wait for [`LocalQueue::committed`].
     NotDurable,
     /// Nothing is ready.
     Empty,
@@ -80,7 +80,7 @@ impl Core {
     }
 }
 
-impl Queue {
+impl LocalQueue {
     /// Whether `account`'s oldest ready job can be claimed now.
     pub fn head(&self, account: &str) -> Head {
         let core = self.shared.lock();
@@ -101,6 +101,9 @@ impl Queue {
 
     /// Claims the oldest ready job of `account`, reading its content from disk.
     pub fn claim(&self, account: &str) -> Result<Claimed, StoreError> {
+        if self.shared.fence.is_cancelled() {
+            return Ok(Claimed::Empty);
+        }
         let claim = {
             let mut core = self.shared.lock();
             if let Some(seq) = core.state.peek_ready(account) {
@@ -135,6 +138,7 @@ impl Queue {
                     body: loaded.body,
                     more: claim.more,
                     marked_batch: None,
+                    fence: self.shared.fence.clone(),
                     in_doubt: false,
                     doubt_new: false,
                     outcome_unknown: false,

@@ -4,7 +4,7 @@
 //! for sled, decoded with the store's own encoding. After every commit the disk must hold
 //! exactly the live entries (no record without a live entry, nothing live missing, bodies
 //! intact); a crash throws away everything not committed and rebuilds the ledger from the disk
-//! the way `Queue::open` does, and the model falls back to what was committed.
+//! the way `LocalQueue::open` does, and the model falls back to what was committed.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -15,11 +15,11 @@ use std::time::Duration;
 use super::refs::{ref_name, ref_of, RefRecord, SendParams};
 use super::state::{self, MessageKey};
 use super::store::{self, put_ref, EntryRef, JobOp};
-use super::{now_ms, Commit, Core, EnqueueError, Enqueued, Queue};
+use super::{now_ms, Commit, Core, EnqueueError, Enqueued, LocalQueue};
 use crate::protocol::{Delete, Edit, MessageState, MessageStatus, Send, StatusQuery, Target};
 
 /// How a delete was answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Deleted {
     /// The delete's job; `None` when it cancelled a send never attempted.
     pub job_id: Option<u64>,
@@ -164,7 +164,7 @@ impl Core {
     }
 }
 
-impl Queue {
+impl LocalQueue {
     /// Makes one edit durable, coalescing it with the message's pending job if there is one.
     /// Content for a held message is accepted and waits with it (see `outcome.rs`).
     pub async fn enqueue(&self, edit: &Edit) -> Result<Enqueued, EnqueueError> {
@@ -414,7 +414,7 @@ impl Queue {
         self.expire_refs_at(now_ms())
     }
 
-    /// [`Queue::expire_refs`] as of `now` (unix ms).
+    /// [`LocalQueue::expire_refs`] as of `now` (unix ms).
     pub(super) fn expire_refs_at(&self, now: u64) -> usize {
         let cutoff = now.saturating_sub(self.shared.storage.ref_retention.as_millis() as u64);
         let mut core = self.shared.lock();
@@ -456,7 +456,7 @@ impl Queue {
         forgotten
     }
 
-    /// [`Queue::accepted`] for new content, also counting it coalesced when it was.
+    /// [`LocalQueue::accepted`] for new content, also counting it coalesced when it was.
     async fn accepted_content(
         &self,
         commit: Commit,

@@ -72,7 +72,7 @@ fn text_in(body: &[u8]) -> String {
 }
 
 /// Claims the account's next job that needs a request, waiting for commits.
-async fn claim_job(queue: &Queue) -> Option<Job> {
+async fn claim_job(queue: &LocalQueue) -> Option<Job> {
     loop {
         queue.settled().await.unwrap();
         match queue.claim("a").unwrap() {
@@ -149,7 +149,7 @@ async fn a_retried_dead_edit_never_follows_the_delete() {
 }
 
 /// Makes the ref's send a dead letter while an edit of it is pending.
-async fn held_with_a_pending_edit(queue: &Queue) -> u64 {
+async fn held_with_a_pending_edit(queue: &LocalQueue) -> u64 {
     queue.send(&send("r", "v1")).await.unwrap();
     let job = claim_job(queue).await.unwrap();
     assert!(matches!(job.call, Call::Send { .. }));

@@ -6,7 +6,7 @@ use super::super::tests::config;
 use super::*;
 
 /// Sets the stored last use of ref `r` to `days` days ago.
-async fn age_ref(queue: &Queue, r: &str, days: u64) {
+async fn age_ref(queue: &LocalQueue, r: &str, days: u64) {
     let commit = {
         let mut core = queue.shared.lock();
         let key = core.state.key(&ref_name("a", ROBOT, r));
@@ -22,12 +22,12 @@ async fn age_ref(queue: &Queue, r: &str, days: u64) {
     wait(commit).await.unwrap();
 }
 
-fn open_paused(dir: &std::path::Path) -> (Queue, std::sync::mpsc::Sender<()>) {
+fn open_paused(dir: &std::path::Path) -> (LocalQueue, std::sync::mpsc::Sender<()>) {
     let config = config(dir);
     for _ in 0..200 {
         let (go, steps) = std::sync::mpsc::channel();
         let (done, _restored) = std::sync::mpsc::channel();
-        match Queue::open_stepped(&config, (steps, done)) {
+        match LocalQueue::open_stepped(&config, (steps, done)) {
             Ok((queue, _ready)) => return (queue, go),
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }

@@ -116,7 +116,7 @@ use zoom::{index_of, ref_of_job, unknown_outcome};
 
 struct Harness {
     dir: tempfile::TempDir,
-    queue: Option<Queue>,
+    queue: Option<LocalQueue>,
     zoom: Vec<ZoomMessage>,
     expect: [Expect; REFS],
     in_flight: Vec<Job>,
@@ -169,7 +169,7 @@ impl Harness {
         }
     }
 
-    fn queue(&self) -> &Queue {
+    fn queue(&self) -> &LocalQueue {
         self.queue.as_ref().expect("open")
     }
 

@@ -1,7 +1,7 @@
 //! The durable, coalescing edit queue: the only module that touches sled.
 //!
 //! # Design constraints
-//! - **Ack only what is durable.** [`Queue::enqueue`] returns only after the edit's write is
+//! - **Ack only what is durable.** [`LocalQueue::enqueue`] returns only after the edit's write is
 //!   flushed and fsynced ([`store`] explains why sled's own flush is not enough).
 //! - **Group commit.** Every change (enqueue, claim result, dead letter) appends its writes to
 //!   one shared batch under the queue's lock, and a single writer thread commits whatever has
@@ -50,6 +50,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use ledger::Ledger;
@@ -68,14 +69,14 @@ pub fn now_ms() -> u64 {
 }
 
 /// How an enqueue was answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Enqueued {
     pub job_id: u64,
     pub coalesced: bool,
 }
 
 /// Why an enqueue was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum EnqueueError {
     #[error("the queue holds {0} pending edits, its limit (storage.max_pending); try again later")]
     Full(u64),
@@ -132,6 +133,10 @@ pub struct Job {
     pub doubt_new: bool,
     /// Set by the dispatcher when this attempt's outcome is unknown (kept by `retry_later`).
     pub outcome_unknown: bool,
+    /// Cancelled when the queue that claimed it is fenced off (cluster mode: this daemon
+    /// gave up or lost the job's partition): its request must stop at once, and its outcome
+    /// is not recorded (the partition's new owner sends it again).
+    pub fence: CancellationToken,
     /// Where its entry is stored.
     loc: Loc,
     /// The message's key in the index.
@@ -148,7 +153,7 @@ pub struct DeadInfo {
 }
 
 /// Result of an operator's dead-letter command.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeadOutcome {
     /// Dead letters put back in the queue (retry) or deleted (purge).
     pub affected: u64,
@@ -157,7 +162,7 @@ pub struct DeadOutcome {
 }
 
 /// Queue figures, all read from counters.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct QueueStats {
     pub pending: u64,
     pub in_flight: u64,
@@ -175,7 +180,7 @@ pub type Commit = oneshot::Receiver<Result<(), String>>;
 
 /// The queue. Cheap to clone; all clones share one index and one writer thread.
 #[derive(Clone)]
-pub struct Queue {
+pub struct LocalQueue {
     shared: Arc<Shared>,
 }
 
@@ -210,6 +215,8 @@ struct Shared {
     status_changed: tokio::sync::watch::Sender<u64>,
     /// The number of the last batch committed.
     durable_batch: tokio::sync::watch::Sender<u64>,
+    /// Cancelled by [`LocalQueue::fence_off`]; every claimed job carries it.
+    fence: CancellationToken,
     /// Tests only: when set, recovery waits for a message before each record and answers one
     /// after it, so a test can look at the queue between records.
     #[cfg(test)]
@@ -273,7 +280,7 @@ pub struct Recovery {
     pub elapsed: Duration,
 }
 
-impl Queue {
+impl LocalQueue {
     /// Opens (or creates) the database and starts the writer thread and the recovery thread,
     /// which rebuilds the index in the background (see [`recovery::recover`]); new edits are accepted
     /// meanwhile. Returns the queue and the receiver of ready-account announcements for the
@@ -281,7 +288,7 @@ impl Queue {
     pub fn open(
         config: &crate::config::StorageConfig,
         metrics: Arc<Metrics>,
-    ) -> Result<(Queue, mpsc::UnboundedReceiver<Arc<str>>), StoreError> {
+    ) -> Result<(LocalQueue, mpsc::UnboundedReceiver<Arc<str>>), StoreError> {
         Self::open_inner(
             sled_medium(config),
             config,
@@ -291,13 +298,13 @@ impl Queue {
         )
     }
 
-    /// [`Queue::open`] on a partition of the cluster mode, taken over by this daemon (its
+    /// [`LocalQueue::open`] on a partition of the cluster mode, taken over by this daemon (its
     /// limits from `config`, its data in JetStream).
     pub fn open_partition(
         partition: Arc<nats_kv::Partition>,
         config: &crate::config::StorageConfig,
         metrics: Arc<Metrics>,
-    ) -> Result<(Queue, mpsc::UnboundedReceiver<Arc<str>>), StoreError> {
+    ) -> Result<(LocalQueue, mpsc::UnboundedReceiver<Arc<str>>), StoreError> {
         Self::open_inner(
             Box::new(nats_kv::NatsMedium(partition)),
             config,
@@ -307,13 +314,13 @@ impl Queue {
         )
     }
 
-    /// [`Queue::open`] with recovery taking one record per message on `steps.0` and
+    /// [`LocalQueue::open`] with recovery taking one record per message on `steps.0` and
     /// answering on `steps.1` after each.
     #[cfg(test)]
     fn open_stepped(
         config: &crate::config::StorageConfig,
         steps: RecoverySteps,
-    ) -> Result<(Queue, mpsc::UnboundedReceiver<Arc<str>>), StoreError> {
+    ) -> Result<(LocalQueue, mpsc::UnboundedReceiver<Arc<str>>), StoreError> {
         Self::open_inner(
             sled_medium(config),
             config,
@@ -327,7 +334,7 @@ impl Queue {
         config: &crate::config::StorageConfig,
         metrics: Arc<Metrics>,
         #[cfg(test)] steps: Option<RecoverySteps>,
-    ) -> Result<(Queue, mpsc::UnboundedReceiver<Arc<str>>), StoreError> {
+    ) -> Result<(LocalQueue, mpsc::UnboundedReceiver<Arc<str>>), StoreError> {
         let started = Instant::now();
         let (kv, mut committer) = medium.open()?;
         let store = Store::new(kv);
@@ -391,6 +398,7 @@ impl Queue {
             recovered: tokio::sync::watch::channel(None).0,
             status_changed: tokio::sync::watch::channel(0).0,
             durable_batch: tokio::sync::watch::channel(0).0,
+            fence: CancellationToken::new(),
             #[cfg(test)]
             recovery_steps: Mutex::new(steps),
         });
@@ -415,7 +423,7 @@ impl Queue {
             })
             .map_err(StoreError::Io)?;
         *shared.recoverer.lock().unwrap_or_else(|e| e.into_inner()) = Some(recoverer);
-        Ok((Queue { shared }, ready_rx))
+        Ok((LocalQueue { shared }, ready_rx))
     }
 
     /// What recovery found, once it is done (it runs in the background from `open` on).
@@ -494,6 +502,12 @@ impl Queue {
         metrics
             .storage_min_free
             .set(self.shared.storage.min_free_bytes as i64);
+    }
+
+    /// Stops claiming and cancels the fence of every job claimed (cluster mode: another
+    /// daemon owns this queue's partition, or is about to).
+    pub fn fence_off(&self) {
+        self.shared.fence.cancel();
     }
 
     /// Stops accepting edits, commits everything outstanding and stops the writer thread.

@@ -11,7 +11,7 @@
 //! (see `crate::dispatch`): how many times each account stands in the dispatcher's ring.
 //!
 //! What a restart sees is what the store would hold: every pending and in-flight job with its
-//! account and due time, in job-id order, fed to [`State::restore`] exactly as `Queue::open`
+//! account and due time, in job-id order, fed to [`State::restore`] exactly as `LocalQueue::open`
 //! does.
 
 use std::collections::BTreeMap;

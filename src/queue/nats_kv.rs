@@ -222,7 +222,7 @@ impl Partition {
         let map = if state.messages == 0 {
             BTreeMap::new()
         } else {
-            load(&stream, &names).await?
+            load(&stream, &names, state.last_sequence).await?
         };
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -410,14 +410,18 @@ enum BatchError {
     Failed(String),
 }
 
-/// Reads every key of the partition (values reassembled from their parts).
+/// Reads every key of the partition (values reassembled from their parts), up to sequence
+/// `last`, the stream's last when the take-over began. Every message is read (the `commit`
+/// and `owner` ones too) because the last one is always one of those two, never expired nor
+/// replaced while it is the last: reading up to it reads everything.
 async fn load(
     stream: &stream::Stream,
     names: &Names,
+    last: u64,
 ) -> Result<BTreeMap<Bytes, Bytes>, StoreError> {
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: format!("{}.k.>", names.root),
+            filter_subject: format!("{}.>", names.root),
             deliver_policy: jetstream::consumer::DeliverPolicy::All,
             ..Default::default()
         })
@@ -433,10 +437,19 @@ async fn load(
         let message = match next {
             Ok(Some(Ok(message))) => message,
             Ok(Some(Err(e))) => return Err(backend("reading", names, e)),
-            // The consumer's stream ended, or nothing came for a while: nothing more there.
-            Ok(None) | Err(_) => break,
+            // Never a partial read: what is missing could be an acknowledged edit.
+            Ok(None) | Err(_) => {
+                return Err(backend(
+                    "reading",
+                    names,
+                    format!("the stream ended before sequence {last}"),
+                ))
+            }
         };
-        let pending = message.info().map(|i| i.pending).unwrap_or(0);
+        let sequence = message
+            .info()
+            .map_err(|e| backend("reading", names, e))?
+            .stream_sequence;
         if let Some((key, part)) = names.parse(&message.subject) {
             let deleted = message
                 .headers
@@ -455,7 +468,7 @@ async fn load(
                     .insert(part, (message.payload.clone(), count));
             }
         }
-        if pending == 0 {
+        if sequence >= last {
             break;
         }
     }

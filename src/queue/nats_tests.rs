@@ -11,7 +11,7 @@ async fn take(
     names: &Names,
     owner: &str,
     dir: &std::path::Path,
-) -> (Queue, Arc<Partition>, Recovery) {
+) -> (LocalQueue, Arc<Partition>, Recovery) {
     let client = cluster.client().await.unwrap();
     let partition = Partition::take_over(client, names.clone(), 0, owner.into())
         .await
@@ -19,7 +19,7 @@ async fn take(
     let config = config(dir);
     let opened = partition.clone();
     let (queue, _ready) = tokio::task::spawn_blocking(move || {
-        Queue::open_partition(opened, &config, Arc::new(Metrics::new()))
+        LocalQueue::open_partition(opened, &config, Arc::new(Metrics::new()))
     })
     .await
     .unwrap()

@@ -11,7 +11,7 @@
 use super::refs::{ref_of, Held};
 use super::state::Stored;
 use super::store::{put_dead_body, put_json, put_ref, EntryRef, JobOp, DEAD};
-use super::{now_ms, Call, Commit, Core, DeadInfo, DeadRecord, Job, Queue};
+use super::{now_ms, Call, Commit, Core, DeadInfo, DeadRecord, Job, LocalQueue};
 
 /// What Zoom answered to a send: the message's id and its `sent_time`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,7 +20,7 @@ pub struct SentMessage {
     pub sent_time: Option<String>,
 }
 
-impl Queue {
+impl LocalQueue {
     /// The job was delivered: forget it. For a send, `sent` is Zoom's id for the message,
     /// written in the same batch, and the message's next job is not claimable until that
     /// batch is committed: no edit leaves before the id it needs is durable.

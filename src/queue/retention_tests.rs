@@ -33,7 +33,7 @@ fn status(reference: &str) -> StatusQuery {
 }
 
 /// Claims the account's next job, which must be a send, and says Zoom posted it.
-async fn deliver_send(queue: &Queue, message_id: &str) {
+async fn deliver_send(queue: &LocalQueue, message_id: &str) {
     queue.settled().await.unwrap();
     let Claimed::Job(job) = queue.claim("a").unwrap() else {
         panic!("a send to claim")

@@ -302,7 +302,7 @@ impl Store {
     }
 
     /// Jobs of a database written before records existed (`j` + id header, `c` + id
-    /// content), in job-id order: header, ack time and body. `Queue::open` appends them to
+    /// content), in job-id order: header, ack time and body. `LocalQueue::open` appends them to
     /// records and deletes the old keys ([`v1_deletes`]) in the same commit, so a crash midway
     /// leaves each job in exactly one layout.
     pub fn v1_jobs(

@@ -1,4 +1,4 @@
-//! Queue-level tests on a real sled database in a temporary directory.
+//! LocalQueue-level tests on a real sled database in a temporary directory.
 
 use super::*;
 use crate::config::StorageConfig;
@@ -24,7 +24,7 @@ pub(super) fn config(dir: &std::path::Path) -> StorageConfig {
 }
 
 /// Commits everything and lets go of the database, as a stop does.
-pub(super) async fn close(queue: Queue) {
+pub(super) async fn close(queue: LocalQueue) {
     tokio::task::spawn_blocking(move || queue.close())
         .await
         .unwrap();
@@ -42,13 +42,13 @@ fn rejected() -> DeadInfo {
 
 pub(super) async fn open(
     dir: &std::path::Path,
-) -> (Queue, mpsc::UnboundedReceiver<Arc<str>>, Recovery) {
+) -> (LocalQueue, mpsc::UnboundedReceiver<Arc<str>>, Recovery) {
     let config = config(dir);
     // sled lets go of its file lock only once its I/O threads are done with the previous
     // handle, a moment after the last one is dropped.
     let mut tries = 0;
     loop {
-        match Queue::open(&config, Arc::new(Metrics::new())) {
+        match LocalQueue::open(&config, Arc::new(Metrics::new())) {
             Err(StoreError::Locked(_)) if tries < 200 => {
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(10));
@@ -62,7 +62,7 @@ pub(super) async fn open(
     }
 }
 
-impl Queue {
+impl LocalQueue {
     /// Claims, expecting every acknowledged write to be committed already.
     pub(super) fn claim_now(&self, account: &str) -> Option<Job> {
         match self.claim(account).unwrap() {
@@ -262,7 +262,7 @@ async fn queue_full_refuses_new_messages_but_coalesces() {
         max_pending: 2,
         ..config(dir.path())
     };
-    let (queue, _ready) = Queue::open(&config, Arc::new(Metrics::new())).unwrap();
+    let (queue, _ready) = LocalQueue::open(&config, Arc::new(Metrics::new())).unwrap();
     queue.enqueue(&edit("m1", "a", "x")).await.unwrap();
     queue.enqueue(&edit("m2", "a", "x")).await.unwrap();
     assert_eq!(
@@ -317,7 +317,7 @@ async fn content_arriving_during_recovery_waits_and_wins() {
     let config = config(dir.path());
     let (go, steps) = std::sync::mpsc::channel();
     let (done, restored) = std::sync::mpsc::channel();
-    let (queue, _ready) = Queue::open_stepped(&config, (steps, done)).unwrap();
+    let (queue, _ready) = LocalQueue::open_stepped(&config, (steps, done)).unwrap();
     let step = || {
         go.send(()).unwrap();
         restored.recv().unwrap();
@@ -369,7 +369,7 @@ async fn a_drained_queue_gives_its_space_back() {
         shrink_above_bytes: 1 << 20,
         ..config(dir.path())
     };
-    let (queue, _ready) = Queue::open(&config, Arc::new(Metrics::new())).unwrap();
+    let (queue, _ready) = LocalQueue::open(&config, Arc::new(Metrics::new())).unwrap();
     queue.recovered().await;
     let text = "x".repeat(2_000);
     let mut last = 0;
@@ -435,7 +435,7 @@ async fn a_dead_letter_put_back_during_recovery_loses_to_newer_stored_edits() {
     let config = config(dir.path());
     let (go, steps) = std::sync::mpsc::channel();
     let (done, restored) = std::sync::mpsc::channel();
-    let (queue, _ready) = Queue::open_stepped(&config, (steps, done)).unwrap();
+    let (queue, _ready) = LocalQueue::open_stepped(&config, (steps, done)).unwrap();
     // The operator retries the dead letters before recovery has reached the newer edit.
     let retry = tokio::spawn({
         let queue = queue.clone();

@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod cluster;
 mod config_errors;
 mod crash;
 mod crash_lifecycle;

@@ -1,0 +1,123 @@
+//! Requests between daemons: a request for an account whose partition another daemon owns is
+//! carried to that daemon over NATS (request and reply on `<prefix>.rpc.p<n>`), which runs it
+//! on its own queue and answers. The same typed calls as the queue's, in JSON.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{DeadLetter, Delete, Edit, MessageStatus, Selector, Send, StatusQuery};
+use crate::queue::{DeadOutcome, Deleted, EnqueueError, Enqueued, LocalQueue};
+
+/// A call on a partition's queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Call {
+    Enqueue(Edit),
+    Send(Send),
+    Delete(Delete),
+    Status(StatusQuery),
+    DeadList(Option<usize>),
+    DeadRetry(Selector),
+    DeadPurge(Selector),
+}
+
+/// Its answer. Job ids are the partition's own (the caller makes them cluster-wide).
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Answer {
+    Enqueued(Result<Enqueued, EnqueueError>),
+    Deleted(Result<Deleted, EnqueueError>),
+    Status(Result<MessageStatus, EnqueueError>),
+    Dead(Result<Vec<DeadLetter>, String>),
+    DeadOutcome(Result<DeadOutcome, String>),
+    /// The daemon asked no longer owns the partition.
+    Moved,
+}
+
+/// The subject a partition's owner answers on.
+pub fn subject(prefix: &str, partition: u32) -> String {
+    format!("{prefix}.rpc.p{partition}")
+}
+
+/// Runs a call on a queue this daemon owns.
+pub async fn run(queue: &LocalQueue, call: Call) -> Answer {
+    match call {
+        Call::Enqueue(edit) => Answer::Enqueued(queue.enqueue(&edit).await),
+        Call::Send(send) => Answer::Enqueued(queue.send(&send).await),
+        Call::Delete(delete) => Answer::Deleted(queue.delete(&delete).await),
+        Call::Status(query) => Answer::Status(queue.status(&query).await),
+        Call::DeadList(limit) => Answer::Dead(match queue.settled().await {
+            Ok(()) => queue.dead_letters(limit).map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        }),
+        Call::DeadRetry(selector) => Answer::DeadOutcome(queue.dead_retry(&selector).await),
+        Call::DeadPurge(selector) => Answer::DeadOutcome(queue.dead_purge(&selector).await),
+    }
+}
+
+/// Serves calls for one partition until `stop`: each in a task of its own (a `status` with
+/// `wait` must not hold up the others).
+pub async fn serve(
+    client: async_nats::Client,
+    subject: String,
+    queue: LocalQueue,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut subscription = match client.subscribe(subject.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(%subject, error = %e, "cannot serve requests of other daemons");
+            return;
+        }
+    };
+    let queue = Arc::new(queue);
+    loop {
+        let message = tokio::select! {
+            m = subscription.next() => m,
+            _ = stop.cancelled() => break,
+        };
+        let Some(message) = message else { break };
+        let Some(reply) = message.reply.clone() else {
+            continue;
+        };
+        let (client, queue, stop) = (client.clone(), queue.clone(), stop.clone());
+        tokio::spawn(async move {
+            let answer = match serde_json::from_slice::<Call>(&message.payload) {
+                Ok(_) if stop.is_cancelled() => Answer::Moved,
+                Ok(call) => run(&queue, call).await,
+                Err(e) => Answer::Dead(Err(format!("unreadable request: {e}"))),
+            };
+            let payload = serde_json::to_vec(&answer).expect("answers serialize");
+            let _ = client.publish(reply, payload.into()).await;
+        });
+    }
+    let _ = subscription.unsubscribe().await;
+}
+
+/// Why a call could not be carried.
+#[derive(Debug)]
+pub enum CallError {
+    /// No daemon owns the partition right now (between a failover's start and end).
+    NoOwner,
+    Failed(String),
+}
+
+/// Carries `call` to the partition's owner and returns its answer.
+pub async fn call(
+    client: &async_nats::Client,
+    subject: String,
+    call: &Call,
+    timeout: Duration,
+) -> Result<Answer, CallError> {
+    let payload = serde_json::to_vec(call).expect("calls serialize");
+    let request = async_nats::Request::new()
+        .payload(payload.into())
+        .timeout(Some(timeout));
+    match client.send_request(subject, request).await {
+        Ok(message) => serde_json::from_slice(&message.payload)
+            .map_err(|e| CallError::Failed(format!("unreadable answer: {e}"))),
+        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Err(CallError::NoOwner),
+        Err(e) => Err(CallError::Failed(e.to_string())),
+    }
+}

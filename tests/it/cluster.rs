@@ -1,0 +1,254 @@
+//! The cluster mode: three real daemons on a real 3-node NATS JetStream cluster (loopback),
+//! delivering to the sandbox: one service, latest wins across daemons, one request per
+//! message in flight, every account within its limit, failover after a SIGKILL.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use zoomq::cluster::assign::{partition_of, PARTITIONS};
+use zoomq::sandbox::SandboxConfig;
+use zoomq::testkit::nats::NatsCluster;
+
+use crate::helpers::{edit, sandbox, shown, TestDaemon, Tweaks};
+
+/// The configuration of a daemon of the cluster on `nats`, with its own prefix.
+pub fn cluster_tweaks(nats: &NatsCluster, prefix: &str, lease_ttl: &str) -> Tweaks {
+    let servers: Vec<String> = nats.urls().iter().map(|u| format!("{u:?}")).collect();
+    Tweaks::default()
+        .set("storage", "backend", "\"nats\"")
+        .set("nats", "servers", &format!("[{}]", servers.join(", ")))
+        .set("nats", "prefix", &format!("{prefix:?}"))
+        .set("nats", "lease_ttl", &format!("{lease_ttl:?}"))
+}
+
+/// Waits until every partition has an owner among `daemons` and may send; returns which
+/// daemon owns each.
+pub async fn owned(daemons: &[&TestDaemon], within: Duration) -> Vec<usize> {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut owner = vec![usize::MAX; PARTITIONS as usize];
+        for (i, daemon) in daemons.iter().enumerate() {
+            let stats = daemon.stats().await;
+            for p in stats["cluster"]["partitions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                owner[p.as_u64().unwrap() as usize] = i;
+            }
+        }
+        if owner.iter().all(|&o| o != usize::MAX) {
+            // Their first requests may leave a gap after the take-over.
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            return owner;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "partitions without an owner: {owner:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends `request` through `daemon` until it is accepted (a partition changing owner answers
+/// `unavailable` meanwhile).
+async fn accepted(daemon: &TestDaemon, request: &Value) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = daemon.client().await.call(request).await;
+        if answer["ok"] == true {
+            return answer;
+        }
+        assert_eq!(answer["error"], "unavailable", "{answer}");
+        assert!(Instant::now() < deadline, "never accepted: {answer}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn shows_all(
+    zoom: &zoomq::sandbox::Sandbox,
+    expected: &[(String, String)],
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|(m, text)| shown(zoom, m).as_deref() != Some(text.as_str()))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} messages not showing their last edit, e.g. {:?}",
+            missing.len(),
+            missing.first()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Nothing zoomq sent got a 429, no message ever had two requests at once, and no account got
+/// more than its limit into any 1-second window.
+fn zoom_saw_no_excess(zoom: &zoomq::sandbox::Sandbox) {
+    let stats = zoom.stats();
+    for (account, a) in &stats.accounts {
+        assert_eq!(a.rate_limited, 0, "{account} was rate limited");
+        assert!(
+            a.max_in_sliding_window(Duration::from_secs(1)) <= a.limit_per_second,
+            "{account}: {} requests in one second, limit {}",
+            a.max_in_sliding_window(Duration::from_secs(1)),
+            a.limit_per_second
+        );
+    }
+    for message in zoom.messages() {
+        assert!(message.max_concurrent <= 1, "{message:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_daemons_are_one_service() {
+    let nats = NatsCluster::start(3).await.unwrap();
+    let zoom = sandbox(SandboxConfig::default()).await;
+    let tweaks = cluster_tweaks(&nats, "one", "2s");
+    let a = TestDaemon::start(&zoom, tweaks.clone()).await;
+    let b = TestDaemon::start(&zoom, tweaks.clone()).await;
+    let c = TestDaemon::start(&zoom, tweaks).await;
+    let daemons = [&a, &b, &c];
+    let owner = owned(&daemons, Duration::from_secs(60)).await;
+    for i in 0..3 {
+        assert!(owner.contains(&i), "daemon {i} owns nothing: {owner:?}");
+    }
+
+    // Each message's edits go through the three daemons in turn, each acknowledged before
+    // the next is sent: Zoom must end up showing the last.
+    let mut expected = Vec::new();
+    let mut job_ids = std::collections::HashSet::new();
+    for m in 0..24 {
+        let message = format!("m{m}");
+        let account = format!("acct{}", m % 8);
+        for k in 0..5 {
+            let text = format!("{message}-{k}");
+            let answer = accepted(daemons[(m + k) % 3], &edit(&message, &account, &text)).await;
+            job_ids.insert((answer["job_id"].as_str().unwrap_or_default().to_string(), m));
+        }
+        expected.push((message, format!("m{m}-4")));
+    }
+    shows_all(&zoom, &expected, Duration::from_secs(30)).await;
+    zoom_saw_no_excess(&zoom);
+
+    // stats is cluster-wide and says which daemon paces what.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = a.stats().await;
+        let cluster = &stats["cluster"];
+        assert_eq!(cluster["daemons"].as_array().unwrap().len(), 3, "{stats}");
+        if stats["pending"] == 0 && stats["in_flight"] == 0 {
+            let mine: Vec<u64> = cluster["partitions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_u64().unwrap())
+                .collect();
+            for account in cluster["accounts_paced"].as_array().unwrap() {
+                let p = partition_of(account.as_str().unwrap());
+                assert!(mine.contains(&u64::from(p)), "{stats}");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "{stats}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Dead letters of every partition, through any daemon, with ids that say where they are.
+    let answer = accepted(
+        &b,
+        &json!({"op": "edit", "message_id": "missing-1", "account_id": "acct3",
+                "robot_jid": "bot@xmpp.zoom.us", "content": {"head": {"text": "x"}}}),
+    )
+    .await;
+    let job_id = answer["job_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let dead = c.client().await.call(&json!({"op": "dead_list"})).await;
+        let letters = dead["dead"].as_array().unwrap();
+        if letters.iter().any(|l| l["job_id"] == job_id.as_str()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{dead}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let purged = a
+        .client()
+        .await
+        .call(&json!({"op": "dead_purge", "job_id": job_id}))
+        .await;
+    assert_eq!(purged["purged"], 1, "{purged}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_daemons_accounts_are_delivered_by_the_others() {
+    let nats = NatsCluster::start(3).await.unwrap();
+    let zoom = sandbox(SandboxConfig::default()).await;
+    // The default lease_ttl: the failover time measured is the default's.
+    let tweaks = cluster_tweaks(&nats, "failover", "5s");
+    let mut daemons = [
+        TestDaemon::start(&zoom, tweaks.clone()).await,
+        TestDaemon::start(&zoom, tweaks.clone()).await,
+        TestDaemon::start(&zoom, tweaks).await,
+    ];
+    let owner = owned(&daemons.iter().collect::<Vec<_>>(), Duration::from_secs(60)).await;
+    // An account whose partition daemon 0 owns.
+    let account = (0..)
+        .map(|i| format!("acct{i}"))
+        .find(|a| owner[partition_of(a) as usize] == 0)
+        .unwrap();
+    accepted(&daemons[1], &edit("before", &account, "v1")).await;
+    shows_all(
+        &zoom,
+        &[("before".into(), "v1".into())],
+        Duration::from_secs(10),
+    )
+    .await;
+
+    daemons[0].kill();
+    let killed = Instant::now();
+
+    accepted(&daemons[1], &edit("after", &account, "v2")).await;
+    shows_all(
+        &zoom,
+        &[("after".into(), "v2".into())],
+        Duration::from_secs(30),
+    )
+    .await;
+    let failover = killed.elapsed();
+    eprintln!("failover: the killed daemon's account delivered again after {failover:?}");
+    // lease_ttl + a renewal period + a poll + the gap, with room for a slow machine.
+    assert!(failover < Duration::from_secs(15), "{failover:?}");
+
+    // Back again: it takes its share of the partitions again.
+    daemons[0].spawn().await;
+    let owner = owned(&daemons.iter().collect::<Vec<_>>(), Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = daemons[0].stats().await;
+        if !stats["cluster"]["partitions"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no rebalance: {owner:?} {stats}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    accepted(&daemons[2], &edit("again", &account, "v3")).await;
+    shows_all(
+        &zoom,
+        &[("again".into(), "v3".into())],
+        Duration::from_secs(30),
+    )
+    .await;
+    zoom_saw_no_excess(&zoom);
+}
