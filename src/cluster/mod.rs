@@ -760,7 +760,7 @@ impl Cluster {
                     seen.remove(&p);
                 }
             }
-            tracing::debug!(partition = p, ?take, ?current, desired = ?desired_owner(p, members), "lease");
+            tracing::trace!(partition = p, ?take, ?current, desired = ?desired_owner(p, members), "lease");
             if take != Take::Wait && desired_owner(p, members) == Some(self.id.as_str()) {
                 wanted.push((p, take));
             }

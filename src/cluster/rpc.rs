@@ -56,8 +56,10 @@ pub async fn run(queue: &LocalQueue, call: Call) -> Answer {
     }
 }
 
-/// Serves calls for one partition until `stop`: each in a task of its own (a `status` with
-/// `wait` must not hold up the others).
+/// Serves calls for one partition until `stop`. Calls run concurrently (a `status` with
+/// `wait` must not hold up the others), but each starts in the order it arrived: a queue call
+/// takes its place in the index when first polled, so edits a producer pipelined on one
+/// connection (published in order on one NATS connection) are applied in that order.
 pub async fn serve(
     client: async_nats::Client,
     subject: String,
@@ -72,9 +74,12 @@ pub async fn serve(
         }
     };
     let queue = Arc::new(queue);
+    // Polled in push order at first: see above.
+    let mut running = futures_util::stream::FuturesUnordered::new();
     loop {
         let message = tokio::select! {
             m = subscription.next() => m,
+            Some(()) = running.next(), if !running.is_empty() => continue,
             _ = stop.cancelled() => break,
         };
         let Some(message) = message else { break };
@@ -82,7 +87,7 @@ pub async fn serve(
             continue;
         };
         let (client, queue, stop) = (client.clone(), queue.clone(), stop.clone());
-        tokio::spawn(async move {
+        running.push(async move {
             let answer = match serde_json::from_slice::<Call>(&message.payload) {
                 Ok(_) if stop.is_cancelled() => Answer::Moved,
                 Ok(call) => run(&queue, call).await,
@@ -93,6 +98,8 @@ pub async fn serve(
         });
     }
     let _ = subscription.unsubscribe().await;
+    // Calls already started are answered.
+    while running.next().await.is_some() {}
 }
 
 /// Why a call could not be carried.

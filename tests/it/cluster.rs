@@ -65,7 +65,7 @@ async fn accepted(daemon: &TestDaemon, request: &Value) -> Value {
     }
 }
 
-async fn shows_all(
+pub async fn shows_all(
     zoom: &zoomq::sandbox::Sandbox,
     expected: &[(String, String)],
     within: Duration,
@@ -91,7 +91,7 @@ async fn shows_all(
 
 /// Nothing zoomq sent got a 429, no message ever had two requests at once, and no account got
 /// more than its limit into any 1-second window.
-fn zoom_saw_no_excess(zoom: &zoomq::sandbox::Sandbox) {
+pub fn zoom_saw_no_excess(zoom: &zoomq::sandbox::Sandbox) {
     let stats = zoom.stats();
     for (account, a) in &stats.accounts {
         assert_eq!(a.rate_limited, 0, "{account} was rate limited");

@@ -4,6 +4,7 @@
 mod helpers;
 
 mod cluster;
+mod cluster_crash;
 mod config_errors;
 mod crash;
 mod crash_lifecycle;
