@@ -39,6 +39,7 @@ fn refused(error: EnqueueError) -> ProtocolError {
         EnqueueError::Unavailable(_) => ErrorCode::Unavailable,
         EnqueueError::NotFound(_) => ErrorCode::NotFound,
         EnqueueError::Gone(_) => ErrorCode::Gone,
+        EnqueueError::TooLarge(_) => ErrorCode::TooLarge,
     };
     ProtocolError::new(code, error.to_string())
 }

@@ -185,6 +185,18 @@ impl Cluster {
     ) -> anyhow::Result<(Arc<Cluster>, mpsc::UnboundedReceiver<Arc<str>>)> {
         let nats = &config.nats;
         let client = connect(nats, cancel).await?;
+        let max_payload = client.server_info().max_payload;
+        let needed = config.socket.max_line_bytes + rpc::HEADROOM;
+        if max_payload < needed {
+            tracing::warn!(
+                max_payload,
+                max_line_bytes = config.socket.max_line_bytes,
+                "the NATS servers carry messages up to max_payload bytes: a request longer than \
+                 that, sent to a daemon that does not own its account, is answered too_large; \
+                 set max_payload to at least socket.max_line_bytes + 4 KiB in the servers' \
+                 configuration (stored edits are split, whatever their size)"
+            );
+        }
         let js = jetstream::new(client.clone());
         let upper = nats.prefix.to_ascii_uppercase();
         let timing = Timing {
@@ -292,6 +304,14 @@ impl Cluster {
                     )))
                 }
                 Ok(answer) => return Ok(answer),
+                Err(CallError::TooLarge(size, max)) => {
+                    return Err(EnqueueError::TooLarge(format!(
+                        "this request ({size} bytes) is larger than the NATS servers carry \
+                         between daemons (max_payload {max}); send it to the daemon that owns \
+                         its account, or raise max_payload in the servers' configuration (see \
+                         README, \"When one host is not enough\")"
+                    )))
+                }
                 Err(CallError::Failed(e)) => {
                     return Err(EnqueueError::Unavailable(format!(
                         "cannot reach the daemon that owns this account's partition (p{p}): {e}"

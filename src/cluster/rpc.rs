@@ -35,6 +35,9 @@ pub enum Answer {
     Moved,
 }
 
+/// Room left in a NATS message for its subject and headers.
+pub const HEADROOM: usize = 4096;
+
 /// The subject a partition's owner answers on.
 pub fn subject(prefix: &str, partition: u32) -> String {
     format!("{prefix}.rpc.p{partition}")
@@ -107,6 +110,8 @@ pub async fn serve(
 pub enum CallError {
     /// No daemon owns the partition right now (between a failover's start and end).
     NoOwner,
+    /// Larger than a NATS message may be: (its size, the servers' `max_payload`).
+    TooLarge(usize, usize),
     Failed(String),
 }
 
@@ -118,6 +123,10 @@ pub async fn call(
     timeout: Duration,
 ) -> Result<Answer, CallError> {
     let payload = serde_json::to_vec(call).expect("calls serialize");
+    let max_payload = client.server_info().max_payload;
+    if payload.len() + HEADROOM > max_payload {
+        return Err(CallError::TooLarge(payload.len(), max_payload));
+    }
     let request = async_nats::Request::new()
         .payload(payload.into())
         .timeout(Some(timeout));

@@ -93,6 +93,9 @@ pub enum EnqueueError {
          accepted once older ones are forgotten (storage.ref_retention after their last use)"
     )]
     TooManyRefs(u64),
+    /// Larger than the cluster can carry between daemons (NATS's `max_payload`).
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// Which Zoom call a claimed job makes.

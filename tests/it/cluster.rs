@@ -111,7 +111,7 @@ pub fn zoom_saw_no_excess(zoom: &zoomq::sandbox::Sandbox) {
 async fn three_daemons_are_one_service() {
     let nats = NatsCluster::start(3).await.unwrap();
     let zoom = sandbox(SandboxConfig::default()).await;
-    let tweaks = cluster_tweaks(&nats, "one", "2s");
+    let tweaks = cluster_tweaks(&nats, "one", "2s").set("socket", "max_line_bytes", "2097152");
     let a = TestDaemon::start(&zoom, tweaks.clone()).await;
     let b = TestDaemon::start(&zoom, tweaks.clone()).await;
     let c = TestDaemon::start(&zoom, tweaks).await;
@@ -159,6 +159,88 @@ async fn three_daemons_are_one_service() {
         }
         assert!(Instant::now() < deadline, "{stats}");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A message's whole life by ref, each step through another daemon.
+    let by_ref = |op: &str, extra: Value| {
+        let mut request = json!({"op": op, "ref": "build-1", "account_id": "acct5",
+                                 "robot_jid": "bot@xmpp.zoom.us"});
+        for (k, v) in extra.as_object().unwrap() {
+            request[k] = v.clone();
+        }
+        request
+    };
+    let content = |text: &str| json!({"content": {"head": {"text": text}}});
+    let mut sent = content("v0");
+    sent["to_jid"] = json!("chan@conf.xmpp.zoom.us");
+    accepted(&a, &by_ref("send", sent)).await;
+    accepted(&b, &by_ref("edit", content("v1"))).await;
+    accepted(&c, &by_ref("edit", content("v2"))).await;
+    let status = a
+        .client()
+        .await
+        .call(&by_ref("status", json!({"wait": "10s"})))
+        .await;
+    // Answered once Zoom's id is known (the edits may still be pending).
+    let message_id = status["message_id"].as_str().unwrap().to_string();
+    accepted(&b, &edit(&message_id, "acct5", "v3")).await;
+    shows_all(
+        &zoom,
+        &[(message_id.clone(), "v3".into())],
+        Duration::from_secs(10),
+    )
+    .await;
+    accepted(&c, &by_ref("delete", json!({}))).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while zoom.message(&message_id).is_some_and(|m| !m.deleted) {
+        assert!(Instant::now() < deadline, "never deleted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = b.client().await.call(&by_ref("status", json!({}))).await;
+    assert_eq!(status["state"], "deleted", "{status}");
+    let gone = a
+        .client()
+        .await
+        .call(&edit(&message_id, "acct5", "v4"))
+        .await;
+    assert_eq!(gone["error"], "gone", "{gone}");
+    assert_eq!(
+        zoom.messages()
+            .iter()
+            .filter(|m| m.to_jid.as_deref() == Some("chan@conf.xmpp.zoom.us"))
+            .count(),
+        1,
+        "one message for the ref"
+    );
+
+    // An edit larger than a NATS message (1 MB here): stored in parts by its owner; a daemon
+    // that would have to forward it says why it cannot.
+    let owner = owned(&daemons, Duration::from_secs(10)).await;
+    let big = "x".repeat(1_500_000);
+    let p = partition_of("acct7") as usize;
+    let at_owner = daemons[owner[p]]
+        .client()
+        .await
+        .call(&edit("big", "acct7", &big))
+        .await;
+    assert_eq!(at_owner["ok"], true, "{at_owner}");
+    let elsewhere = daemons[(owner[p] + 1) % 3]
+        .client()
+        .await
+        .call(&edit("big", "acct7", &big))
+        .await;
+    assert_eq!(elsewhere["error"], "too_large", "{elsewhere}");
+    assert!(
+        elsewhere["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_payload"),
+        "{elsewhere}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shown(&zoom, "big").map(|t| t.len()) != Some(big.len()) {
+        assert!(Instant::now() < deadline, "the large edit never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     // Dead letters of every partition, through any daemon, with ids that say where they are.
