@@ -104,11 +104,41 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
     let storage = config.storage.clone();
+    let opened: Arc<std::sync::OnceLock<Queue>> = Arc::default();
     let queue_metrics = metrics.clone();
     let zoom_settings = zoom::ZoomSettings::from_config(&config)
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let zoom = zoom::ZoomClient::new(zoom_settings, metrics.clone(), health.clone())
         .context("cannot build the Zoom client")?;
+    let tracker = TaskTracker::new();
+    let http_cancel = CancellationToken::new();
+    let mut http_task = None;
+    if !config.metrics.listen.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&config.metrics.listen)
+            .await
+            .with_context(|| {
+                format!("cannot listen on metrics.listen {}", config.metrics.listen)
+            })?;
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        }
+        // Served from the start: /readyz says "not ready" while the queue opens (in the
+        // cluster mode, while NATS does not answer yet).
+        let observe_queue = opened.clone();
+        let observe: http::Observe = Arc::new(move || {
+            if let Some(queue) = observe_queue.get() {
+                queue.observe();
+            }
+        });
+        http_task = Some(tokio::spawn(http::serve(
+            listener,
+            metrics.clone(),
+            health.clone(),
+            observe,
+            http_cancel.clone(),
+        )));
+    }
+
     let (queue, ready_rx) = match config.storage.backend {
         // The index is rebuilt in the background from here on (the queue logs "queue
         // recovered" when done); edits are accepted and restored jobs delivered meanwhile.
@@ -123,35 +153,21 @@ pub async fn run(
         }
         // Retries until NATS answers; partitions are taken over in the background.
         config::Backend::Nats => {
-            let (cluster, ready_rx) = cluster::Cluster::start(&config, queue_metrics, &cancel)
-                .await
-                .context("cannot join the cluster")?;
-            (Queue::Cluster(cluster), ready_rx)
+            systemd::notify_status("joining the cluster (waiting for NATS)");
+            match cluster::Cluster::start(&config, queue_metrics, &cancel).await {
+                Ok((cluster, ready_rx)) => (Queue::Cluster(cluster), ready_rx),
+                // Stopped while NATS did not answer: nothing was accepted, nothing to save.
+                Err(_) if cancel.is_cancelled() => {
+                    http_cancel.cancel();
+                    tracing::info!("stopped before joining the cluster");
+                    return Ok(());
+                }
+                Err(e) => return Err(e.context("cannot join the cluster")),
+            }
         }
     };
 
-    let tracker = TaskTracker::new();
-    let http_cancel = CancellationToken::new();
-    let mut http_task = None;
-    if !config.metrics.listen.is_empty() {
-        let listener = tokio::net::TcpListener::bind(&config.metrics.listen)
-            .await
-            .with_context(|| {
-                format!("cannot listen on metrics.listen {}", config.metrics.listen)
-            })?;
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-        }
-        let observe_queue = queue.clone();
-        let observe: http::Observe = Arc::new(move || observe_queue.observe());
-        http_task = Some(tokio::spawn(http::serve(
-            listener,
-            metrics.clone(),
-            health.clone(),
-            observe,
-            http_cancel.clone(),
-        )));
-    }
+    let _ = opened.set(queue.clone());
 
     listener.set_nonblocking(true)?;
     let listener = tokio::net::UnixListener::from_std(listener)?;

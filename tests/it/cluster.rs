@@ -334,3 +334,53 @@ async fn a_killed_daemons_accounts_are_delivered_by_the_others() {
     .await;
     zoom_saw_no_excess(&zoom);
 }
+
+/// A daemon whose NATS does not answer says so, keeps trying and is not ready meanwhile; it
+/// stops at once when asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_waits_for_nats_and_is_not_ready_meanwhile() {
+    let zoom = sandbox(SandboxConfig::default()).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let tweaks = Tweaks::default()
+        .set("storage", "backend", "\"nats\"")
+        .set("nats", "servers", &format!("[\"nats://127.0.0.1:{port}\"]"))
+        .set("metrics", "listen", &format!("\"{metrics}\""));
+    let mut daemon = TestDaemon::prepare(&zoom, tweaks);
+    daemon.launch();
+    let ready = || async {
+        let mut stream = tokio::net::TcpStream::connect(metrics).await.ok()?;
+        tokio::io::AsyncWriteExt::write_all(
+            &mut stream,
+            b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n",
+        )
+        .await
+        .ok()?;
+        let mut answer = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut answer)
+            .await
+            .ok()?;
+        answer.lines().next().map(str::to_string)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = ready().await {
+            assert!(status.contains("503"), "{status}");
+            if daemon.log().contains("cannot reach NATS; retrying") {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, took) = daemon.terminate_timed();
+    assert!(status.success(), "{status}\n{}", daemon.log());
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}

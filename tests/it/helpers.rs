@@ -36,6 +36,13 @@ impl Tweaks {
 impl TestDaemon {
     /// Starts a daemon delivering to `sandbox`, and waits until it answers a ping.
     pub async fn start(sandbox: &Sandbox, tweaks: Tweaks) -> TestDaemon {
+        let mut daemon = TestDaemon::prepare(sandbox, tweaks);
+        daemon.spawn().await;
+        daemon
+    }
+
+    /// Writes a daemon's directory and configuration, without starting it.
+    pub fn prepare(sandbox: &Sandbox, tweaks: Tweaks) -> TestDaemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("zoomq.sock");
         let config_path = dir.path().join("zoomq.toml");
@@ -79,14 +86,12 @@ impl TestDaemon {
             }
         }
         std::fs::write(&config_path, config).unwrap();
-        let mut daemon = TestDaemon {
+        TestDaemon {
             dir,
             socket,
             config_path,
             child: None,
-        };
-        daemon.spawn().await;
-        daemon
+        }
     }
 
     /// Starts the process (again) and waits for it to answer and to have read back every
@@ -107,6 +112,28 @@ impl TestDaemon {
     /// Starts the process (again) and waits only for its socket to answer: recovery may
     /// still be running.
     pub async fn spawn_answering(&mut self) {
+        self.launch();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut client) = Client::connect(&self.socket).await {
+                if client.call(&json!({"op": "ping"})).await["ok"] == true {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("zoomq exited during start-up: {status}\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "zoomq did not start\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Starts the process, without waiting for anything.
+    pub fn launch(&mut self) {
         assert!(self.child.is_none(), "already running");
         let stderr = if std::env::var_os("TEST_LOG").is_some() {
             Stdio::inherit()
@@ -133,23 +160,6 @@ impl TestDaemon {
             .spawn()
             .expect("start zoomq");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut client) = Client::connect(&self.socket).await {
-                if client.call(&json!({"op": "ping"})).await["ok"] == true {
-                    return;
-                }
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("zoomq exited during start-up: {status}\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "zoomq did not start\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 
     /// SIGKILL: no chance to flush or clean up.
