@@ -256,3 +256,13 @@ fn nats_backend_and_its_table() {
     assert!(config.nats.wants_tls());
     assert_eq!(config.nats.lease_ttl, Duration::from_secs(5));
 }
+
+/// The cluster example is a valid configuration (given a secret) for the nats backend.
+#[test]
+fn cluster_example_is_valid() {
+    let mut config = Config::parse(include_str!("../../deploy/cluster/zoomq.toml")).unwrap();
+    config.set_client_secret("s");
+    config.validate().unwrap();
+    assert_eq!(config.storage.backend, Backend::Nats);
+    assert_eq!(config.nats.servers.len(), 3);
+}
