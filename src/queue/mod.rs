@@ -36,6 +36,7 @@ mod kv;
 mod ledger;
 mod lifecycle;
 pub mod nats_kv;
+mod nats_layout;
 pub use lifecycle::{describe, Deleted};
 mod recovery;
 mod refs;

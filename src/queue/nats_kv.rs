@@ -36,64 +36,17 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use futures_util::StreamExt;
 
 use super::kv::{Commit, Kv, Medium, Op, Opened, Pair, StoreError};
+pub use super::nats_layout::Names;
+use super::nats_layout::{encode, load};
 
 /// JetStream's limit of messages in one atomic batch.
 pub const MAX_BATCH: usize = 1000;
 /// Room left in a NATS message for its subject and headers.
 const HEADROOM: usize = 8 * 1024;
 /// How long a commit waits for JetStream's answer before it counts as failed (and is retried).
-const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
-const DEL: &str = "Zoomq-Del";
-const PARTS: &str = "Zoomq-Parts";
-
-/// Where a deployment keeps partition `n`.
-#[derive(Debug, Clone)]
-pub struct Names {
-    pub stream: String,
-    pub root: String,
-}
-
-impl Names {
-    pub fn new(prefix: &str, n: u32) -> Names {
-        Names {
-            stream: format!("{}_P{n}", prefix.to_ascii_uppercase()),
-            root: format!("{prefix}.p{n}"),
-        }
-    }
-
-    fn key_subject(&self, key: &[u8], part: usize) -> String {
-        let mut subject = String::with_capacity(self.root.len() + 4 + key.len() * 2 + 4);
-        subject.push_str(&self.root);
-        subject.push_str(".k.");
-        for b in key {
-            subject.push_str(&format!("{b:02x}"));
-        }
-        if part > 0 {
-            subject.push_str(&format!(".{part}"));
-        }
-        subject
-    }
-
-    /// The key and part number a message's subject names, if it is a key's.
-    fn parse(&self, subject: &str) -> Option<(Vec<u8>, usize)> {
-        let rest = subject.strip_prefix(&self.root)?.strip_prefix(".k.")?;
-        let (hex, part) = match rest.split_once('.') {
-            Some((hex, part)) => (hex, part.parse().ok()?),
-            None => (rest, 0),
-        };
-        if hex.len() % 2 != 0 {
-            return None;
-        }
-        let key = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
-            .collect::<Option<Vec<u8>>>()?;
-        Some((key, part))
-    }
-}
+pub(super) const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Creates the partition's stream if it does not exist yet.
 pub async fn ensure_stream(
@@ -119,7 +72,7 @@ pub async fn ensure_stream(
     Ok(())
 }
 
-fn backend(what: &str, names: &Names, e: impl std::fmt::Display) -> StoreError {
+pub(super) fn backend(what: &str, names: &Names, e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("{what} {}: {e}", names.stream))
 }
 
@@ -273,58 +226,6 @@ impl Partition {
         self.write.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The messages that write `ops`, in order (values split into parts where needed; older
-    /// parts beyond the new value's deleted).
-    fn messages(&self, ops: &[Op]) -> Vec<(String, HeaderMap, Bytes)> {
-        let map = self.mirror.read();
-        let mut out = Vec::with_capacity(ops.len());
-        let tombstone = || {
-            let mut h = HeaderMap::new();
-            h.insert(DEL, "1");
-            h.insert("Nats-TTL", "1m");
-            h
-        };
-        // Parts of each key as committed so far in this batch (values of earlier ops count).
-        let mut parts_now: std::collections::HashMap<&[u8], usize> = Default::default();
-        for op in ops {
-            let key = match op {
-                Op::Put(k, _) | Op::Del(k) => k.as_slice(),
-            };
-            let old_parts = *parts_now.entry(key).or_insert_with(|| {
-                map.get(key)
-                    .map_or(0, |v| v.len().div_ceil(self.part_bytes).max(1))
-            });
-            let new_parts = match op {
-                Op::Put(_, value) => {
-                    let chunks: Vec<&[u8]> = if value.is_empty() {
-                        vec![&[][..]]
-                    } else {
-                        value.chunks(self.part_bytes).collect()
-                    };
-                    let n = chunks.len();
-                    for (i, chunk) in chunks.into_iter().enumerate() {
-                        let mut h = HeaderMap::new();
-                        if i == 0 && n > 1 {
-                            h.insert(PARTS, n.to_string().as_str());
-                        }
-                        out.push((
-                            self.names.key_subject(key, i),
-                            h,
-                            Bytes::copy_from_slice(chunk),
-                        ));
-                    }
-                    n
-                }
-                Op::Del(_) => 0,
-            };
-            for part in new_parts..old_parts {
-                out.push((self.names.key_subject(key, part), tombstone(), Bytes::new()));
-            }
-            parts_now.insert(key, new_parts);
-        }
-        out
-    }
-
     /// Publishes one atomic batch expecting the stream's last sequence to be `expected`;
     /// returns the batch's last sequence.
     async fn publish_batch(
@@ -410,92 +311,6 @@ enum BatchError {
     Failed(String),
 }
 
-/// Reads every key of the partition (values reassembled from their parts), up to sequence
-/// `last`, the stream's last when the take-over began. Every message is read (the `commit`
-/// and `owner` ones too) because the last one is always one of those two, never expired nor
-/// replaced while it is the last: reading up to it reads everything.
-async fn load(
-    stream: &stream::Stream,
-    names: &Names,
-    last: u64,
-) -> Result<BTreeMap<Bytes, Bytes>, StoreError> {
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: format!("{}.>", names.root),
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| backend("reading", names, e))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| backend("reading", names, e))?;
-    let mut parts: BTreeMap<Vec<u8>, BTreeMap<usize, (Bytes, usize)>> = BTreeMap::new();
-    loop {
-        let next = tokio::time::timeout(COMMIT_TIMEOUT, messages.next()).await;
-        let message = match next {
-            Ok(Some(Ok(message))) => message,
-            Ok(Some(Err(e))) => return Err(backend("reading", names, e)),
-            // Never a partial read: what is missing could be an acknowledged edit.
-            Ok(None) | Err(_) => {
-                return Err(backend(
-                    "reading",
-                    names,
-                    format!("the stream ended before sequence {last}"),
-                ))
-            }
-        };
-        let sequence = message
-            .info()
-            .map_err(|e| backend("reading", names, e))?
-            .stream_sequence;
-        if let Some((key, part)) = names.parse(&message.subject) {
-            let deleted = message
-                .headers
-                .as_ref()
-                .is_some_and(|h| h.get(DEL).is_some());
-            if !deleted {
-                let count = message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(PARTS))
-                    .and_then(|v| v.as_str().parse().ok())
-                    .unwrap_or(1);
-                parts
-                    .entry(key)
-                    .or_default()
-                    .insert(part, (message.payload.clone(), count));
-            }
-        }
-        if sequence >= last {
-            break;
-        }
-    }
-    let mut map = BTreeMap::new();
-    for (key, pieces) in parts {
-        let Some((_, count)) = pieces.get(&0).cloned() else {
-            continue; // parts of a value being replaced when its writer died: never committed
-        };
-        if count == 1 {
-            map.insert(Bytes::from(key), pieces[&0].0.clone());
-            continue;
-        }
-        let mut value = Vec::new();
-        for i in 0..count {
-            let Some((piece, _)) = pieces.get(&i) else {
-                return Err(StoreError::Corrupt {
-                    key: names.key_subject(&key, i),
-                    detail: format!("part {i} of {count} is missing"),
-                });
-            };
-            value.extend_from_slice(piece);
-        }
-        map.insert(Bytes::from(key), Bytes::from(value));
-    }
-    Ok(map)
-}
-
 /// A partition as a medium for the queue.
 pub struct NatsMedium(pub Arc<Partition>);
 
@@ -537,7 +352,12 @@ impl Commit for NatsCommit {
         if partition.fenced() {
             return Err(StoreError::Fenced(partition.n));
         }
-        let messages = partition.messages(ops);
+        let messages = encode(
+            &partition.names,
+            partition.part_bytes,
+            &partition.mirror.read(),
+            ops,
+        );
         partition.runtime.block_on(async {
             for chunk in messages.chunks(MAX_BATCH - 1) {
                 let (expected, token) = {
