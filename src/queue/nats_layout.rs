@@ -138,7 +138,7 @@ pub async fn load(
         .messages()
         .await
         .map_err(|e| backend("reading", names, e))?;
-    let mut parts: BTreeMap<Vec<u8>, BTreeMap<usize, (Bytes, usize)>> = BTreeMap::new();
+    let mut read = Reader::default();
     loop {
         let next = tokio::time::timeout(COMMIT_TIMEOUT, messages.next()).await;
         let message = match next {
@@ -157,48 +157,127 @@ pub async fn load(
             .info()
             .map_err(|e| backend("reading", names, e))?
             .stream_sequence;
-        if let Some((key, part)) = names.parse(&message.subject) {
-            let deleted = message
-                .headers
-                .as_ref()
-                .is_some_and(|h| h.get(DEL).is_some());
-            if !deleted {
-                let count = message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(PARTS))
-                    .and_then(|v| v.as_str().parse().ok())
-                    .unwrap_or(1);
-                parts
-                    .entry(key)
-                    .or_default()
-                    .insert(part, (message.payload.clone(), count));
-            }
-        }
+        read.add(
+            names,
+            &message.subject,
+            message.headers.as_ref(),
+            &message.payload,
+        );
         if sequence >= last {
             break;
         }
     }
-    let mut map = BTreeMap::new();
-    for (key, pieces) in parts {
-        let Some((_, count)) = pieces.get(&0).cloned() else {
-            continue; // parts of a value being replaced when its writer died: never committed
+    read.finish(names)
+}
+
+/// The values of a partition, as its messages are read.
+#[derive(Default)]
+pub struct Reader {
+    /// Per key: its parts read, each with the part count its first part says.
+    parts: BTreeMap<Vec<u8>, BTreeMap<usize, (Bytes, usize)>>,
+}
+
+impl Reader {
+    /// One message of the stream (others than keys' are ignored).
+    pub fn add(
+        &mut self,
+        names: &Names,
+        subject: &str,
+        headers: Option<&HeaderMap>,
+        payload: &Bytes,
+    ) {
+        let Some((key, part)) = names.parse(subject) else {
+            return;
         };
-        if count == 1 {
-            map.insert(Bytes::from(key), pieces[&0].0.clone());
-            continue;
+        if headers.is_some_and(|h| h.get(DEL).is_some()) {
+            // A tombstone: the last message of its subject, so nothing older of it is here.
+            return;
         }
-        let mut value = Vec::new();
-        for i in 0..count {
-            let Some((piece, _)) = pieces.get(&i) else {
-                return Err(StoreError::Corrupt {
-                    key: names.key_subject(&key, i),
-                    detail: format!("part {i} of {count} is missing"),
-                });
-            };
-            value.extend_from_slice(piece);
-        }
-        map.insert(Bytes::from(key), Bytes::from(value));
+        let count = headers
+            .and_then(|h| h.get(PARTS))
+            .and_then(|v| v.as_str().parse().ok())
+            .unwrap_or(1);
+        self.parts
+            .entry(key)
+            .or_default()
+            .insert(part, (payload.clone(), count));
     }
-    Ok(map)
+
+    /// The map: every key whose first part is there, its parts joined.
+    pub fn finish(self, names: &Names) -> Result<BTreeMap<Bytes, Bytes>, StoreError> {
+        let mut map = BTreeMap::new();
+        for (key, pieces) in self.parts {
+            // Parts beyond a shorter value that replaced a longer one are tombstones; leftover
+            // parts without a first part belong to no value.
+            let Some((_, count)) = pieces.get(&0).cloned() else {
+                continue;
+            };
+            let mut value = Vec::new();
+            for i in 0..count {
+                let Some((piece, _)) = pieces.get(&i) else {
+                    return Err(StoreError::Corrupt {
+                        key: names.key_subject(&key, i),
+                        detail: format!("part {i} of {count} is missing"),
+                    });
+                };
+                value.extend_from_slice(piece);
+            }
+            map.insert(Bytes::from(key), Bytes::from(value));
+        }
+        Ok(map)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn op() -> impl Strategy<Value = Op> {
+        let key = (0u8..6).prop_map(|k| vec![b'k', k]);
+        prop_oneof![
+            3 => (key.clone(), 0usize..40).prop_map(|(k, n)| Op::Put(k, vec![n as u8; n])),
+            1 => key.prop_map(Op::Del),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the commits (values of any size, split in parts of 8 bytes, replaced by
+        /// longer or shorter ones, deleted, several ops of one key in one commit), what a new
+        /// owner reads back from the stream's last message per subject is the map the
+        /// commits made, whether or not expired tombstones are still there.
+        #[test]
+        fn what_is_read_back_is_what_was_committed(
+            commits in proptest::collection::vec(proptest::collection::vec(op(), 1..6), 1..12),
+            expire in any::<bool>(),
+        ) {
+            let names = Names::new("zq", 3);
+            let mut model: BTreeMap<Bytes, Bytes> = BTreeMap::new();
+            // The stream: one message per subject, the last written.
+            let mut stream: BTreeMap<String, (HeaderMap, Bytes)> = BTreeMap::new();
+            for ops in &commits {
+                for (subject, headers, payload) in encode(&names, 8, &model, ops) {
+                    stream.insert(subject, (headers, payload));
+                }
+                for op in ops {
+                    match op {
+                        Op::Put(k, v) => {
+                            model.insert(Bytes::copy_from_slice(k), Bytes::copy_from_slice(v));
+                        }
+                        Op::Del(k) => {
+                            model.remove(k.as_slice());
+                        }
+                    }
+                }
+            }
+            if expire {
+                stream.retain(|_, (h, _)| h.get(DEL).is_none());
+            }
+            let mut read = Reader::default();
+            for (subject, (headers, payload)) in &stream {
+                read.add(&names, subject, Some(headers), payload);
+            }
+            prop_assert_eq!(read.finish(&names).unwrap(), model);
+        }
+    }
 }
