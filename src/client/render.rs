@@ -32,6 +32,9 @@ pub fn format_stats(stats: &Value) -> String {
     if let Some(rows) = stats["per_account"].as_array() {
         out.push_str(&format_accounts(rows));
     }
+    if stats["cluster"].is_object() {
+        out.push_str(&format_cluster(&stats["cluster"]));
+    }
     if stats["recovering"] == true {
         out.push_str("RECOVERING               stored edits are still being read back; new edits are accepted and sent once it is done\n");
     }
@@ -40,6 +43,36 @@ pub fn format_stats(stats: &Value) -> String {
     }
     if let Some(error) = stats["token_error"].as_str() {
         out.push_str(&format!("TOKEN ERROR              {error}\n"));
+    }
+    out
+}
+
+/// The cluster mode's part of `stats`: the daemons, and what this one paces (the counts above
+/// are the whole deployment's).
+fn format_cluster(cluster: &Value) -> String {
+    let count = |v: &Value| v.as_array().map_or(0, Vec::len);
+    let text = |v: &Value| v.as_str().map_or_else(|| render(v), str::to_string);
+    let mut out = format!(
+        "\ncluster: this daemon is {} and paces {} of 32 partitions, {} accounts; its share: {} pending, {} in flight, {} dead\n{:<32} {:>10} {:>8} {:>9}\n",
+        text(&cluster["daemon"]),
+        count(&cluster["partitions"]),
+        count(&cluster["accounts_paced"]),
+        render(&cluster["this_daemon"]["pending"]),
+        render(&cluster["this_daemon"]["in_flight"]),
+        render(&cluster["this_daemon"]["dead"]),
+        "DAEMON",
+        "PARTITIONS",
+        "PENDING",
+        "IN FLIGHT"
+    );
+    for daemon in cluster["daemons"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<32} {:>10} {:>8} {:>9}\n",
+            text(&daemon["id"]),
+            render(&daemon["partitions"]),
+            render(&daemon["pending"]),
+            render(&daemon["in_flight"])
+        ));
     }
     out
 }
@@ -197,6 +230,25 @@ mod tests {
                 "demo-account                    9    20.0     19.4       19.3       96.5%  no",
                 "acct-free                       0     2.0      0.0        0.5       25.0%  yes",
             ]
+        );
+    }
+
+    #[test]
+    fn stats_show_the_cluster() {
+        let mut answer = stats_answer();
+        answer["cluster"] = json!({"daemon": "host-a-1f", "partitions": [0, 3, 9],
+            "accounts_paced": ["acct-1", "acct-2"],
+            "this_daemon": {"pending": 4, "in_flight": 1, "dead": 0},
+            "daemons": [{"id": "host-a-1f", "host": "host-a", "partitions": 3, "pending": 4, "in_flight": 1},
+                        {"id": "host-b-2e", "host": "host-b", "partitions": 29, "pending": 5, "in_flight": 0}]});
+        let text = format_stats(&answer);
+        assert!(
+            text.contains("cluster: this daemon is host-a-1f and paces 3 of 32 partitions, 2 accounts; its share: 4 pending, 1 in flight, 0 dead\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("host-b-2e                                29        5         0\n"),
+            "{text}"
         );
     }
 
