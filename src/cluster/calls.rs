@@ -107,7 +107,12 @@ impl Cluster {
     pub async fn dead_letters(&self, limit: Option<usize>) -> Result<Vec<DeadLetter>, String> {
         let mut all = Vec::new();
         for p in 0..PARTITIONS {
-            match self.route(p, Call::DeadList(limit), Duration::ZERO).await {
+            // Each partition's answer is one NATS message: a thousand letters at most.
+            let per_partition = Some(limit.unwrap_or(1000).min(1000));
+            match self
+                .route(p, Call::DeadList(per_partition), Duration::ZERO)
+                .await
+            {
                 Ok(Answer::Dead(Ok(letters))) => {
                     all.extend(letters.into_iter().map(|mut letter| {
                         let seq: u64 = letter.job_id.parse().unwrap_or(0);
@@ -140,7 +145,9 @@ impl Cluster {
             }
             Selector::All => (0..PARTITIONS).map(|p| (p, Selector::All)).collect(),
         };
+        // Every partition is asked, whatever another answered: an error says what was done.
         let mut total = DeadOutcome::default();
+        let mut errors = Vec::new();
         for (p, selector) in targets {
             let call = if purge {
                 Call::DeadPurge(selector)
@@ -152,12 +159,20 @@ impl Cluster {
                     total.affected += outcome.affected;
                     total.superseded += outcome.superseded;
                 }
-                Ok(Answer::DeadOutcome(Err(e))) => return Err(e),
-                Ok(other) => return Err(unexpected(&other).to_string()),
-                Err(e) => return Err(e.to_string()),
+                Ok(Answer::DeadOutcome(Err(e))) => errors.push(format!("partition p{p}: {e}")),
+                Ok(other) => errors.push(format!("partition p{p}: {}", unexpected(&other))),
+                Err(e) => errors.push(format!("partition p{p}: {e}")),
             }
         }
-        Ok(total)
+        if errors.is_empty() {
+            Ok(total)
+        } else {
+            Err(format!(
+                "{} (done in the other partitions: {} dead letters)",
+                errors.join("; "),
+                total.affected
+            ))
+        }
     }
 
     // The dispatcher's side: only partitions this daemon owns and may send for.

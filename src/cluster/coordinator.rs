@@ -17,37 +17,63 @@ use crate::queue::nats_kv::{self, Names, Partition};
 use crate::queue::LocalQueue;
 
 impl Cluster {
-    /// The coordinator: two loops, each every tick. The keeper heartbeats and renews the
-    /// leases held (all at once: a slow take-over must never starve a renewal); the balancer
-    /// releases and takes partitions.
+    /// The coordinator: three loops, each every tick. The heartbeat publishes this daemon;
+    /// the keeper renews every lease held, each renewal on its own (a slow one, or a slow
+    /// give-up, never delays the others); the balancer releases and takes partitions.
     pub(super) async fn coordinate(self: Arc<Self>) {
         let keeper = tokio::spawn(self.clone().keep());
+        let heart = tokio::spawn(self.clone().beat());
         let mut seen: HashMap<u32, Seen> = HashMap::new();
+        let mut backoff: HashMap<u32, (u32, Instant)> = HashMap::new();
+        // The last member list read: a members bucket that does not answer for a while must
+        // not keep this daemon from taking back what is its own.
+        let mut members: Vec<String> = vec![self.id.clone()];
         loop {
             let started = Instant::now();
-            if let Some(members) = self.live_members().await {
-                self.rebalance(&members, &mut seen).await;
+            if let Some(live) = self.live_members().await {
+                members = live;
             }
+            self.rebalance(&members, &mut seen, &mut backoff).await;
             let next = started + self.timing.tick();
             tokio::select! {
                 _ = tokio::time::sleep_until(next.into()) => {}
                 _ = self.closing.cancelled() => break,
             }
         }
-        let _ = keeper.await;
+        let _ = tokio::join!(keeper, heart);
+    }
+
+    async fn beat(self: Arc<Self>) {
+        loop {
+            let started = Instant::now();
+            let _ = tokio::time::timeout(self.timing.tick(), self.heartbeat()).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until((started + self.timing.tick()).into()) => {}
+                _ = self.closing.cancelled() => return,
+            }
+        }
     }
 
     async fn keep(self: Arc<Self>) {
         loop {
             let started = Instant::now();
-            let heartbeat = self.heartbeat();
-            let renewals = futures_util::future::join_all(
-                self.all_owned().into_iter().map(|owned| self.renew(owned)),
-            );
-            tokio::join!(heartbeat, renewals);
-            let next = started + self.timing.tick();
+            for owned in self.all_owned() {
+                if owned
+                    .renewing
+                    .swap(true, std::sync::atomic::Ordering::SeqCst)
+                {
+                    continue; // the previous one is still waiting for NATS
+                }
+                let cluster = self.clone();
+                tokio::spawn(async move {
+                    cluster.renew(&owned).await;
+                    owned
+                        .renewing
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
             tokio::select! {
-                _ = tokio::time::sleep_until(next.into()) => {}
+                _ = tokio::time::sleep_until((started + self.timing.tick()).into()) => {}
                 _ = self.closing.cancelled() => return,
             }
         }
@@ -93,57 +119,110 @@ impl Cluster {
         Some(ids)
     }
 
-    /// Renews one lease; a partition whose lease is lost, or that its guard stopped, is
-    /// given up.
-    async fn renew(&self, owned: Arc<Owned>) {
-        if owned.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+    /// Renews one lease. A partition whose lease is lost, whose guard stopped it, or whose
+    /// storage another daemon fenced, is given up (in a task of its own).
+    async fn renew(self: &Arc<Self>, owned: &Arc<Owned>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if owned.stopping.load(SeqCst) {
             return;
         }
-        // Stopped by its guard (renewals failed for too long): let it go; the balancer takes
-        // it again (the lease is still ours) with a fresh read.
-        if owned.stop.is_cancelled() {
-            self.give_up(&owned, false).await;
+        // Stopped by its guard (renewals failed for too long), or fenced: let it go; the
+        // balancer takes it again if the lease is still ours, with a fresh read.
+        if owned.stop.is_cancelled() || owned.partition.fenced() {
+            self.spawn_give_up(owned, false);
             return;
         }
         let mut revision = owned.revision.lock().await;
-        if owned.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        if owned.stopping.load(SeqCst) {
             return;
         }
+        let key = lease_key(owned.n);
+        let value = lease_value(&self.id, false, self.timing.ttl);
         let sent = Instant::now();
-        match self
-            .leases
-            .update(lease_key(owned.n), lease_value(&self.id, false), *revision)
-            .await
-        {
-            Ok(new) => {
+        let renewed = tokio::time::timeout(
+            self.timing.tick(),
+            self.leases.update(&key, value, *revision),
+        )
+        .await;
+        match renewed {
+            Ok(Ok(new)) => {
                 *revision = new;
                 owned
                     .valid_until
                     .send_replace(sent + self.timing.hold_for());
             }
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                drop(revision);
+            Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                // An earlier renewal whose answer was lost may have landed: still ours then
+                // (its revision is taken; the next renewal extends the validity).
+                let current = self.leases.entry(&key).await.ok().flatten();
+                let ours = current.as_ref().and_then(|e| {
+                    let lease: Lease = serde_json::from_slice(&e.value).ok()?;
+                    (lease.owner == self.id && !lease.released).then_some(e.revision)
+                });
+                match ours {
+                    Some(current) => *revision = current,
+                    None => {
+                        drop(revision);
+                        tracing::warn!(
+                            partition = owned.n,
+                            "lost the lease of a partition to another daemon"
+                        );
+                        self.spawn_give_up(owned, false);
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(partition = owned.n, error = %e, "cannot renew a lease; retrying");
+            }
+            Err(_) => {
                 tracing::warn!(
                     partition = owned.n,
-                    "lost the lease of a partition to another daemon"
+                    "no answer to a lease renewal; retrying"
                 );
-                self.give_up(&owned, false).await;
-            }
-            Err(e) => {
-                tracing::warn!(partition = owned.n, error = %e, "cannot renew a lease; retrying");
             }
         }
     }
 
-    async fn rebalance(&self, members: &[String], seen: &mut HashMap<u32, Seen>) {
-        // Release what belongs to another live daemon.
+    fn spawn_give_up(self: &Arc<Self>, owned: &Arc<Owned>, release: bool) {
+        let (cluster, owned) = (self.clone(), owned.clone());
+        tokio::spawn(async move { cluster.give_up(&owned, release).await });
+    }
+
+    /// A planned hand-over: nothing more is claimed for the partition while the lease is
+    /// still renewed; the requests in flight finish and their outcomes are committed (for
+    /// at most a request's timeout), so that the new owner neither sends a send twice nor
+    /// an edit while an older one may still reach Zoom; then it is given up and released.
+    async fn hand_over(self: Arc<Self>, owned: Arc<Owned>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if owned.draining.swap(true, SeqCst) {
+            return;
+        }
+        tracing::info!(
+            partition = owned.n,
+            "handing a partition over to its new owner"
+        );
+        let deadline = Instant::now() + self.request_timeout + std::time::Duration::from_secs(1);
+        while owned.queue.stats().in_flight > 0 && Instant::now() < deadline {
+            if owned.stop.is_cancelled() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(5), owned.queue.settled()).await;
+        self.give_up(&owned, true).await;
+    }
+
+    async fn rebalance(
+        self: &Arc<Self>,
+        members: &[String],
+        seen: &mut HashMap<u32, Seen>,
+        backoff: &mut HashMap<u32, (u32, Instant)>,
+    ) {
+        // Hand over what belongs to another live daemon.
         for owned in self.all_owned() {
             if desired_owner(owned.n, members) != Some(self.id.as_str()) {
-                tracing::info!(
-                    partition = owned.n,
-                    "handing a partition over to its new owner"
-                );
-                self.give_up(&owned, true).await;
+                tokio::spawn(self.clone().hand_over(owned));
             }
         }
         // Every lease not ours is watched, wanted or not, so that the wait for a silent
@@ -184,7 +263,9 @@ impl Cluster {
                 }
             }
             tracing::trace!(partition = p, ?take, ?current, desired = ?desired_owner(p, members), "lease");
-            if take != Take::Wait && desired_owner(p, members) == Some(self.id.as_str()) {
+            let waiting = backoff.get(&p).is_some_and(|(_, until)| *until > now);
+            if take != Take::Wait && !waiting && desired_owner(p, members) == Some(self.id.as_str())
+            {
                 wanted.push((p, take));
             }
         }
@@ -193,7 +274,7 @@ impl Cluster {
                 break;
             }
             let key = lease_key(p);
-            let value = lease_value(&self.id, false);
+            let value = lease_value(&self.id, false, self.timing.ttl);
             let acquired = match take {
                 Take::Wait => None,
                 Take::Create => self.leases.create(&key, value).await.ok(),
@@ -202,12 +283,22 @@ impl Cluster {
             let Some(revision) = acquired else { continue };
             let acquired_at = Instant::now();
             seen.remove(&p);
-            if let Err(e) = self.take(p, revision, acquired_at).await {
-                tracing::error!(partition = p, error = %e, "cannot take a partition over; releasing it");
-                let _ = self
-                    .leases
-                    .update(&key, lease_value(&self.id, true), revision)
-                    .await;
+            match self.take(p, revision, acquired_at).await {
+                Ok(()) => {
+                    backoff.remove(&p);
+                }
+                Err(e) => {
+                    // Tried again after 1, 2, 4... 30 s (each try reads the whole stream).
+                    let failures = backoff.get(&p).map_or(0, |(n, _)| *n) + 1;
+                    let wait = std::time::Duration::from_secs(1 << failures.min(5))
+                        .min(std::time::Duration::from_secs(30));
+                    backoff.insert(p, (failures, Instant::now() + wait));
+                    tracing::error!(partition = p, error = %e, failures, "cannot take a partition over; releasing it");
+                    let _ = self
+                        .leases
+                        .update(&key, lease_value(&self.id, true, self.timing.ttl), revision)
+                        .await;
+                }
             }
         }
     }
@@ -229,7 +320,11 @@ impl Cluster {
         let sent = Instant::now();
         let renewed = self
             .leases
-            .update(lease_key(p), lease_value(&self.id, false), revision)
+            .update(
+                lease_key(p),
+                lease_value(&self.id, false, self.timing.ttl),
+                revision,
+            )
             .await;
         let revision = match renewed {
             Ok(revision) => revision,
@@ -246,6 +341,8 @@ impl Cluster {
             partition,
             revision: tokio::sync::Mutex::new(revision),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            renewing: std::sync::atomic::AtomicBool::new(false),
             valid_until,
             active_from: (acquired_at + self.timing.gap()).max(Instant::now()),
             stop: CancellationToken::new(),
@@ -298,7 +395,11 @@ impl Cluster {
             let revision = owned.revision.lock().await;
             let released = self
                 .leases
-                .update(lease_key(owned.n), lease_value(&self.id, true), *revision)
+                .update(
+                    lease_key(owned.n),
+                    lease_value(&self.id, true, self.timing.ttl),
+                    *revision,
+                )
                 .await;
             if let Err(e) = released {
                 tracing::warn!(partition = owned.n, error = %e, "cannot release a lease; it expires instead");
@@ -357,10 +458,11 @@ fn lease_key(p: u32) -> String {
     format!("p{p}")
 }
 
-fn lease_value(owner: &str, released: bool) -> bytes::Bytes {
+fn lease_value(owner: &str, released: bool, ttl: std::time::Duration) -> bytes::Bytes {
     serde_json::to_vec(&Lease {
         owner: owner.to_string(),
         released,
+        ttl_ms: Some(ttl.as_millis() as u64),
     })
     .expect("leases serialize")
     .into()

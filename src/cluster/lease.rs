@@ -52,6 +52,10 @@ pub struct Lease {
     pub owner: String,
     /// Given up by its owner, which stopped sending before writing this.
     pub released: bool,
+    /// The holder's `lease_ttl` in milliseconds: a taker waits the longer of it and its own,
+    /// so that a deployment changing `lease_ttl` one daemon at a time stays safe.
+    #[serde(default)]
+    pub ttl_ms: Option<u64>,
 }
 
 /// A lease revision this daemon has seen, and since when.
@@ -87,9 +91,12 @@ pub fn decide(
     if lease.released || lease.owner == me {
         return (Take::Update(revision), None);
     }
+    let ttl = lease
+        .ttl_ms
+        .map_or(timing.ttl, |ms| timing.ttl.max(Duration::from_millis(ms)));
     match seen {
         Some(seen) if seen.revision == revision => {
-            if now.saturating_duration_since(seen.since) >= timing.ttl {
+            if now.saturating_duration_since(seen.since) >= ttl {
                 (Take::Update(revision), Some(seen))
             } else {
                 (Take::Wait, Some(seen))
@@ -115,6 +122,7 @@ mod tests {
         Lease {
             owner: owner.into(),
             released: false,
+            ttl_ms: None,
         }
     }
 
@@ -128,6 +136,7 @@ mod tests {
         let released = Lease {
             owner: "b".into(),
             released: true,
+            ttl_ms: None,
         };
         assert_eq!(
             decide("a", Some((&released, 7)), None, now, t).0,
@@ -136,6 +145,26 @@ mod tests {
         assert_eq!(
             decide("a", Some((&held("a"), 8)), None, now, t).0,
             Take::Update(8)
+        );
+    }
+
+    #[test]
+    fn a_holder_with_a_longer_ttl_is_waited_for_as_long() {
+        let t = Timing {
+            ttl: Duration::from_secs(5),
+        };
+        let start = Instant::now();
+        let mut lease = held("b");
+        lease.ttl_ms = Some(30_000);
+        let (_, seen) = decide("a", Some((&lease, 3)), None, start, t);
+        let at = |s: u64| start + Duration::from_secs(s);
+        assert_eq!(
+            decide("a", Some((&lease, 3)), seen, at(10), t).0,
+            Take::Wait
+        );
+        assert_eq!(
+            decide("a", Some((&lease, 3)), seen, at(30), t).0,
+            Take::Update(3)
         );
     }
 

@@ -54,6 +54,10 @@ struct Owned {
     revision: tokio::sync::Mutex<u64>,
     /// Being given up (only one `give_up` runs).
     stopping: std::sync::atomic::AtomicBool,
+    /// Being handed over: nothing more is claimed; what is in flight finishes first.
+    draining: std::sync::atomic::AtomicBool,
+    /// A renewal is under way (the next tick does not start another).
+    renewing: std::sync::atomic::AtomicBool,
     /// Until when this daemon may send for the partition (moved on by each renewal).
     valid_until: watch::Sender<Instant>,
     /// When its first request may leave (the former owner's windows are over).
@@ -76,6 +80,8 @@ pub struct Cluster {
     prefix: String,
     replicas: usize,
     timing: Timing,
+    /// `zoom.request_timeout`: the longest a hand-over waits for requests in flight.
+    request_timeout: Duration,
     storage: StorageConfig,
     client: async_nats::Client,
     js: jetstream::Context,
@@ -134,7 +140,7 @@ pub async fn connect(
             _ = cancel.cancelled() => anyhow::bail!("stopped before NATS answered"),
         };
         tracing::error!(
-            servers = ?config.servers,
+            servers = ?config.shown_servers(),
             error = %error,
             "cannot reach NATS; retrying (not ready meanwhile)"
         );
@@ -146,19 +152,52 @@ pub async fn connect(
     }
 }
 
-/// Opens a key-value bucket, creating it if it does not exist.
+/// Opens a key-value bucket, creating it if it does not exist, retrying while JetStream does
+/// not answer (a NATS cluster that is starting has no leader yet).
 async fn bucket(
     js: &jetstream::Context,
     name: String,
     replicas: usize,
     max_age: Duration,
+    cancel: &CancellationToken,
 ) -> anyhow::Result<kv::Store> {
-    if let Ok(store) = js.get_key_value(&name).await {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match open_bucket(js, &name, replicas, max_age).await {
+            Ok(store) => return Ok(store),
+            Err(e) => {
+                tracing::error!(bucket = %name, error = %e, "cannot open a JetStream bucket; retrying")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = cancel.cancelled() => anyhow::bail!("stopped before JetStream answered"),
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn open_bucket(
+    js: &jetstream::Context,
+    name: &str,
+    replicas: usize,
+    max_age: Duration,
+) -> anyhow::Result<kv::Store> {
+    if let Ok(store) = js.get_key_value(name).await {
+        // The members' expiry follows nats.lease_ttl: a bucket made under another setting is
+        // brought in line (every daemon of a deployment has the same [nats]).
+        let mut stream = js.get_stream(format!("KV_{name}")).await?;
+        let mut config = stream.info().await?.config.clone();
+        if config.max_age != max_age {
+            tracing::info!(bucket = %name, ?max_age, "updating the bucket's expiry to nats.lease_ttl");
+            config.max_age = max_age;
+            js.update_stream(config).await?;
+        }
         return Ok(store);
     }
     let created = js
         .create_key_value(kv::Config {
-            bucket: name.clone(),
+            bucket: name.to_string(),
             history: 1,
             max_age,
             num_replicas: replicas,
@@ -169,7 +208,7 @@ async fn bucket(
     match created {
         Ok(store) => Ok(store),
         // Another daemon created it meanwhile.
-        Err(_) => Ok(js.get_key_value(&name).await?),
+        Err(_) => Ok(js.get_key_value(name).await?),
     }
 }
 
@@ -206,9 +245,17 @@ impl Cluster {
             format!("{upper}_LEASES"),
             nats.replicas,
             Duration::ZERO,
+            cancel,
         )
         .await?;
-        let members = bucket(&js, format!("{upper}_MEMBERS"), nats.replicas, timing.ttl).await?;
+        let members = bucket(
+            &js,
+            format!("{upper}_MEMBERS"),
+            nats.replicas,
+            timing.ttl,
+            cancel,
+        )
+        .await?;
         let host = hostname();
         let id = format!("{host}-{:08x}", rand::random::<u32>());
         let (ready_tx, ready_rx) = mpsc::unbounded_channel();
@@ -217,6 +264,7 @@ impl Cluster {
             prefix: nats.prefix.clone(),
             replicas: nats.replicas,
             timing,
+            request_timeout: config.zoom.request_timeout,
             storage: config.storage.clone(),
             client,
             js,
@@ -231,7 +279,7 @@ impl Cluster {
             closing: CancellationToken::new(),
             coordinator: Mutex::new(None),
         });
-        tracing::info!(daemon = %cluster.id, servers = ?nats.servers, "joined the cluster");
+        tracing::info!(daemon = %cluster.id, servers = ?nats.shown_servers(), "joined the cluster");
         let coordinator = tokio::spawn(cluster.clone().coordinate());
         *cluster
             .coordinator
@@ -266,7 +314,8 @@ impl Cluster {
         let now = Instant::now();
         (now >= owned.active_from
             && now < *owned.valid_until.borrow()
-            && !owned.stop.is_cancelled())
+            && !owned.stop.is_cancelled()
+            && !owned.draining.load(std::sync::atomic::Ordering::SeqCst))
         .then(|| owned.queue.clone())
     }
 
@@ -291,9 +340,12 @@ impl Cluster {
         if let Some(coordinator) = coordinator {
             let _ = coordinator.await;
         }
-        for owned in self.all_owned() {
-            self.give_up(&owned, true).await;
-        }
+        futures_util::future::join_all(
+            self.all_owned()
+                .iter()
+                .map(|owned| self.give_up(owned, true)),
+        )
+        .await;
         let _ = self.members.delete(&self.id).await;
         let _ = self.client.flush().await;
     }

@@ -43,8 +43,26 @@ pub fn subject(prefix: &str, partition: u32) -> String {
     format!("{prefix}.rpc.p{partition}")
 }
 
-/// Runs a call on a queue this daemon owns.
+/// Runs a call on a queue this daemon owns; `Moved` if it is closing (the partition is being
+/// given up: the caller tries its next owner).
 pub async fn run(queue: &LocalQueue, call: Call) -> Answer {
+    if queue.closing() {
+        return Answer::Moved;
+    }
+    let answer = run_open(queue, call).await;
+    let refused = matches!(
+        &answer,
+        Answer::Enqueued(Err(EnqueueError::Unavailable(_)))
+            | Answer::Deleted(Err(EnqueueError::Unavailable(_)))
+            | Answer::Status(Err(EnqueueError::Unavailable(_)))
+    );
+    if refused && queue.closing() {
+        return Answer::Moved;
+    }
+    answer
+}
+
+async fn run_open(queue: &LocalQueue, call: Call) -> Answer {
     match call {
         Call::Enqueue(edit) => Answer::Enqueued(queue.enqueue(&edit).await),
         Call::Send(send) => Answer::Enqueued(queue.send(&send).await),
@@ -69,11 +87,16 @@ pub async fn serve(
     queue: LocalQueue,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut subscription = match client.subscribe(subject.clone()).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(%subject, error = %e, "cannot serve requests of other daemons");
-            return;
+    let mut subscription = loop {
+        match client.subscribe(subject.clone()).await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::error!(%subject, error = %e, "cannot serve requests of other daemons; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
         }
     };
     let queue = Arc::new(queue);
@@ -96,11 +119,29 @@ pub async fn serve(
                 Ok(call) => run(&queue, call).await,
                 Err(e) => Answer::Dead(Err(format!("unreadable request: {e}"))),
             };
-            let payload = serde_json::to_vec(&answer).expect("answers serialize");
-            let _ = client.publish(reply, payload.into()).await;
+            let mut payload = serde_json::to_vec(&answer).expect("answers serialize");
+            if payload.len() + HEADROOM > client.server_info().max_payload {
+                let error = Answer::Dead(Err(format!(
+                    "the answer ({} bytes) is larger than NATS carries; ask for fewer (limit)",
+                    payload.len()
+                )));
+                payload = serde_json::to_vec(&error).expect("answers serialize");
+            }
+            if let Err(e) = client.publish(reply, payload.into()).await {
+                tracing::warn!(error = %e, "cannot answer another daemon's request");
+            }
         });
     }
     let _ = subscription.unsubscribe().await;
+    // Requests that arrived meanwhile are sent on to the next owner.
+    while let Ok(Some(message)) =
+        tokio::time::timeout(std::time::Duration::from_millis(100), subscription.next()).await
+    {
+        if let Some(reply) = message.reply {
+            let payload = serde_json::to_vec(&Answer::Moved).expect("answers serialize");
+            let _ = client.publish(reply, payload.into()).await;
+        }
+    }
     // Calls already started are answered.
     while running.next().await.is_some() {}
 }

@@ -143,14 +143,27 @@ pub(super) fn check(config: &Config, problems: &mut Vec<Problem>) {
     }
 }
 
-fn check_server(server: &str) -> Result<(), String> {
-    let shown = || {
-        // A URL may carry a user and password: never show what comes before '@'.
-        match server.rsplit_once('@') {
-            Some((_, host)) => format!("<user>@{host}"),
-            None => server.to_string(),
+/// A server URL as it may be shown: a URL may carry a user and password, so what comes before
+/// '@' never is.
+pub fn shown_server(server: &str) -> String {
+    match server.rsplit_once('@') {
+        Some((scheme_user, host)) => {
+            let scheme = scheme_user.split_once("://").map_or("", |(s, _)| s);
+            format!("{scheme}://<user>@{host}")
         }
-    };
+        None => server.to_string(),
+    }
+}
+
+impl NatsConfig {
+    /// The servers as they may be logged (see [`shown_server`]).
+    pub fn shown_servers(&self) -> Vec<String> {
+        self.servers.iter().map(|s| shown_server(s)).collect()
+    }
+}
+
+fn check_server(server: &str) -> Result<(), String> {
+    let shown = || shown_server(server);
     let rest = ["nats://", "tls://"]
         .iter()
         .find_map(|scheme| server.strip_prefix(scheme))

@@ -249,6 +249,10 @@ fn nats_backend_and_its_table() {
         assert!(message.contains(key), "{key} missing from {message}");
     }
     assert!(!message.contains("hunter"), "{message}");
+    assert_eq!(
+        nats::shown_server("nats://u:hunter2@h:4222"),
+        "nats://<user>@h:4222"
+    );
     let good = "[zoom]\nclient_id = \"c\"\nclient_secret = \"s\"\n[storage]\nbackend = \"nats\"\n\
                 [nats]\nservers = [\"nats://10.0.0.1:4222\", \"tls://h:4443\"]\nreplicas = 1\n";
     assert_eq!(problems(good), "");

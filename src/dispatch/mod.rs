@@ -357,6 +357,11 @@ impl Dispatcher {
         let mut waiting_commit = false;
         let mut wait: Option<Duration> = None;
         for (account, job) in std::mem::take(&mut self.parked) {
+            // Its queue was fenced off (cluster mode: the partition moved): the new owner
+            // has the job; this daemon must not send it.
+            if job.fence.is_cancelled() {
+                continue;
+            }
             let durable = self.queue.is_durable(&job);
             if !durable {
                 waiting_commit = true;
@@ -402,6 +407,9 @@ impl Dispatcher {
     }
 
     fn spawn_request(&self, job: Job, granted: Instant, permit: tokio::sync::OwnedSemaphorePermit) {
+        if job.fence.is_cancelled() {
+            return; // see `send_parked`
+        }
         let zoom = self.zoom.clone();
         let queue = self.queue.clone();
         let finished_tx = self.finished_tx.clone();
@@ -432,16 +440,17 @@ impl Dispatcher {
                     }
                 }
             };
+            // Shutdown gave up on this request (dropping it closes its connection): the job
+            // stays as the claim left it, its records untouched on disk, so after the restart
+            // it is pending again and sent again. Cluster mode, the fence: this daemon gave up
+            // or lost the job's partition; its new owner sends the job again, after waiting
+            // out this one's window. Both are polled first: a request must not even start
+            // once its queue is fenced off.
             let outcome = tokio::select! {
-                outcome = request => outcome,
-                // Shutdown gave up on this request (dropping it closes its connection). The
-                // job stays as the claim left it: its records are untouched on disk, so after
-                // the restart it is pending again and sent again.
-                _ = abandon.cancelled() => return,
-                // Cluster mode: this daemon gave up or lost the job's partition. Its new owner
-                // sends the job again, after waiting out this one's window; the outcome of
-                // this attempt would be recorded nowhere.
+                biased;
                 _ = job.fence.cancelled() => return,
+                _ = abandon.cancelled() => return,
+                outcome = request => outcome,
             };
             drop(permit);
             let _ = finished_tx.send(Finished {

@@ -259,6 +259,8 @@ struct Core {
     /// Free bytes on the database's filesystem, while below `storage.min_free_bytes`.
     space_low: Option<u64>,
     closing: bool,
+    /// The writer thread has exited (after `closing`, with nothing left to commit).
+    writer_gone: bool,
     /// The writer thread is waiting for work: only then does a change need to wake it (a
     /// wake-up is a system call, and under load the writer is busy committing anyway and
     /// looks for more before it waits).
@@ -383,6 +385,7 @@ impl LocalQueue {
                     .free_space()
                     .filter(|free| *free < config.min_free_bytes),
                 closing: false,
+                writer_gone: false,
                 writer_waiting: false,
                 recovery_failure: None,
                 recovering: Some(HashSet::new()),
@@ -436,6 +439,11 @@ impl LocalQueue {
         let done = watch.wait_for(Option::is_some).await;
         done.map(|r| r.expect("waited for Some"))
             .unwrap_or_default()
+    }
+
+    /// Whether the queue is closing or closed (nothing more will be committed).
+    pub fn closing(&self) -> bool {
+        self.shared.lock().closing
     }
 
     /// Whether recovery is still running.
@@ -620,6 +628,11 @@ impl Shared {
     /// Registers a waiter for the writes already in the batch and wakes the writer.
     fn commit_locked(&self, mut core: MutexGuard<'_, Core>) -> Commit {
         let (tx, rx) = oneshot::channel();
+        // The writer has exited (the queue closed): nobody would ever answer.
+        if core.writer_gone {
+            let _ = tx.send(Err("the queue is closed".into()));
+            return rx;
+        }
         core.waiters.push(tx);
         let wake = core.writer_waiting;
         drop(core);

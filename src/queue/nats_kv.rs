@@ -39,7 +39,7 @@ use bytes::Bytes;
 
 use super::kv::{Commit, Kv, Medium, Op, Opened, Pair, StoreError};
 pub use super::nats_layout::Names;
-use super::nats_layout::{encode, load};
+use super::nats_layout::{encode, load, Message};
 
 /// JetStream's limit of messages in one atomic batch.
 pub const MAX_BATCH: usize = 1000;
@@ -146,8 +146,9 @@ pub struct Partition {
     runtime: tokio::runtime::Handle,
     mirror: Arc<Mirror>,
     write: Mutex<WriteState>,
-    /// This daemon's take-over of the partition, in every commit token.
-    owner: String,
+    /// This take-over of the partition, in every commit token (short: a batch id has at most
+    /// 64 characters).
+    token_base: String,
     part_bytes: usize,
 }
 
@@ -192,11 +193,15 @@ impl Partition {
             .map_err(|e| backend("taking over", &names, e))?
             .await
             .map_err(|e| backend("taking over", &names, e))?;
-        let part_bytes = client
-            .server_info()
-            .max_payload
-            .saturating_sub(HEADROOM)
-            .max(64 * 1024);
+        let max_payload = client.server_info().max_payload;
+        if max_payload < 4 * HEADROOM {
+            return Err(backend(
+                "taking over",
+                &names,
+                format!("the NATS servers' max_payload ({max_payload} bytes) is too small; 1MB is the default"),
+            ));
+        }
+        let part_bytes = max_payload - HEADROOM;
         Ok(Arc::new(Partition {
             n,
             names,
@@ -212,7 +217,7 @@ impl Partition {
                 unanswered: Vec::new(),
                 fenced: false,
             }),
-            owner,
+            token_base: format!("{:016x}", rand::random::<u64>()),
             part_bytes,
         }))
     }
@@ -226,11 +231,32 @@ impl Partition {
         self.write.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// [`Partition::publish_batch`] within [`COMMIT_TIMEOUT`], whatever blocks (a publish waits
+    /// while the client reconnects, or while a stalled connection's buffer is full).
+    async fn publish_bounded(
+        &self,
+        messages: &[Message],
+        expected: u64,
+        token: &str,
+    ) -> Result<u64, BatchError> {
+        tokio::time::timeout(
+            COMMIT_TIMEOUT,
+            self.publish_batch(messages, expected, token),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(BatchError::Failed(format!(
+                "no answer within {} s",
+                COMMIT_TIMEOUT.as_secs()
+            )))
+        })
+    }
+
     /// Publishes one atomic batch expecting the stream's last sequence to be `expected`;
     /// returns the batch's last sequence.
     async fn publish_batch(
         &self,
-        messages: &[(String, HeaderMap, Bytes)],
+        messages: &[Message],
         expected: u64,
         token: &str,
     ) -> Result<u64, BatchError> {
@@ -311,6 +337,21 @@ enum BatchError {
     Failed(String),
 }
 
+/// The messages of a commit in batches of at most [`MAX_BATCH`] (with the commit message),
+/// each write's messages in one batch.
+fn chunks(writes: Vec<Vec<Message>>) -> Vec<Vec<Message>> {
+    let mut chunks: Vec<Vec<Message>> = vec![Vec::new()];
+    for write in writes {
+        let current = chunks.last_mut().expect("one chunk at least");
+        if !current.is_empty() && current.len() + write.len() > MAX_BATCH - 1 {
+            chunks.push(write);
+        } else {
+            current.extend(write);
+        }
+    }
+    chunks
+}
+
 /// A partition as a medium for the queue.
 pub struct NatsMedium(pub Arc<Partition>);
 
@@ -342,37 +383,47 @@ impl Commit for NatsCommit {
     /// Publishes `ops` as atomic batches, in order, each expecting the stream as this owner
     /// left it, and applies them to memory once stored. Runs on the queue's writer thread.
     ///
-    /// More than [`MAX_BATCH`] messages go as several batches: a crash between two of them
-    /// leaves the first applied. The ledger orders a commit's writes new entries first, done
-    /// bits and deletions after, so such a prefix holds every job at least once (a job found
-    /// twice is resolved by recovery, newer entry first); it is rare (a commit of a thousand
-    /// writes) and the next owner's recovery reads it like any other state.
+    /// More than [`MAX_BATCH`] messages go as several batches, never splitting one write's
+    /// messages (the parts of a value): a crash between two of them leaves the first applied.
+    /// The ledger orders a commit's writes new entries first, done bits and deletions after,
+    /// so such a prefix holds every job at least once (a job found twice is resolved by
+    /// recovery, newer entry first); it is rare (a commit of a thousand writes) and the next
+    /// owner's recovery reads it like any other state.
     fn commit(&mut self, ops: &[Op]) -> Result<(), StoreError> {
         let partition = &self.0;
         if partition.fenced() {
             return Err(StoreError::Fenced(partition.n));
         }
-        let messages = encode(
+        let chunks = chunks(encode(
             &partition.names,
             partition.part_bytes,
             &partition.mirror.read(),
             ops,
-        );
+        ));
         partition.runtime.block_on(async {
-            for chunk in messages.chunks(MAX_BATCH - 1) {
+            for chunk in &chunks {
                 let (expected, token) = {
                     let mut state = partition.lock();
                     state.commits += 1;
-                    (state.last, format!("{}-{}", partition.owner, state.commits))
+                    (
+                        state.last,
+                        format!("{}-{}", partition.token_base, state.commits),
+                    )
                 };
-                let mut result = partition.publish_batch(chunk, expected, &token).await;
+                let mut result = partition.publish_bounded(chunk, expected, &token).await;
                 if let Err(BatchError::WrongLast) = result {
                     let unanswered = partition.lock().unanswered.clone();
                     // An earlier attempt was stored after all: this one repeats its
                     // writes (in the same order, so harmlessly) and adds the newer.
-                    if let Some(last) = partition.landed(&unanswered).await? {
+                    let landed =
+                        tokio::time::timeout(COMMIT_TIMEOUT, partition.landed(&unanswered))
+                            .await
+                            .map_err(|_| {
+                                backend("reading the last commit of", &partition.names, "no answer")
+                            })??;
+                    if let Some(last) = landed {
                         partition.lock().last = last;
-                        result = partition.publish_batch(chunk, last, &token).await;
+                        result = partition.publish_bounded(chunk, last, &token).await;
                     }
                 }
                 match result {

@@ -65,14 +65,14 @@ impl Names {
     }
 }
 
-/// The messages that write `ops`, in order (values split into parts where needed; older
+/// The messages that write `ops`, in order, one group per write (values split into parts where needed; older
 /// parts beyond the new value's deleted).
 pub fn encode(
     names: &Names,
     part_bytes: usize,
     map: &BTreeMap<Bytes, Bytes>,
     ops: &[Op],
-) -> Vec<Message> {
+) -> Vec<Vec<Message>> {
     let mut out = Vec::with_capacity(ops.len());
     let tombstone = || {
         let mut h = HeaderMap::new();
@@ -86,6 +86,7 @@ pub fn encode(
         let key = match op {
             Op::Put(k, _) | Op::Del(k) => k.as_slice(),
         };
+        let mut write = Vec::new();
         let old_parts = *parts_now.entry(key).or_insert_with(|| {
             map.get(key)
                 .map_or(0, |v| v.len().div_ceil(part_bytes).max(1))
@@ -103,16 +104,17 @@ pub fn encode(
                     if i == 0 && n > 1 {
                         h.insert(PARTS, n.to_string().as_str());
                     }
-                    out.push((names.key_subject(key, i), h, Bytes::copy_from_slice(chunk)));
+                    write.push((names.key_subject(key, i), h, Bytes::copy_from_slice(chunk)));
                 }
                 n
             }
             Op::Del(_) => 0,
         };
         for part in new_parts..old_parts {
-            out.push((names.key_subject(key, part), tombstone(), Bytes::new()));
+            write.push((names.key_subject(key, part), tombstone(), Bytes::new()));
         }
         parts_now.insert(key, new_parts);
+        out.push(write);
     }
     out
 }
@@ -256,7 +258,7 @@ mod tests {
             // The stream: one message per subject, the last written.
             let mut stream: BTreeMap<String, (HeaderMap, Bytes)> = BTreeMap::new();
             for ops in &commits {
-                for (subject, headers, payload) in encode(&names, 8, &model, ops) {
+                for (subject, headers, payload) in encode(&names, 8, &model, ops).into_iter().flatten() {
                     stream.insert(subject, (headers, payload));
                 }
                 for op in ops {

@@ -47,8 +47,9 @@ struct SledCommit {
     synced_blobs: HashSet<std::ffi::OsString>,
 }
 
+/// sled's value as `Bytes`, without a copy (the `Bytes` keeps the `IVec`).
 fn bytes(value: sled::IVec) -> Bytes {
-    Bytes::copy_from_slice(&value)
+    Bytes::from_owner(value)
 }
 
 impl Medium for SledMedium {

@@ -19,6 +19,7 @@ pub(super) fn writer_loop(shared: &Shared, committer: Committer) {
                     break;
                 }
                 if core.closing {
+                    core.writer_gone = true;
                     return;
                 }
                 core.writer_waiting = true;
