@@ -33,7 +33,7 @@ impl Cluster {
                 Ok(Answer::Moved) | Err(CallError::NoOwner) => {
                     return Err(EnqueueError::Unavailable(format!(
                         "no daemon owns this account's partition (p{p}) right now: one is \
-                         taking it over (a failover takes up to nats.lease_ttl and 2 s); try again"
+                         taking it over (a failover takes about 1.2 x nats.lease_ttl + 1.1 s); try again"
                     )))
                 }
                 Ok(answer) => return Ok(answer),

@@ -17,7 +17,14 @@
 //!   first, then writes the release) is taken at once, and the gap is waited the same.
 //! - The partition's storage is fenced too (`queue::nats_kv`): after the take-over, every
 //!   write of the former owner fails, so even a holder frozen past every deadline (a paused
-//!   VM) cannot change what the new owner delivers.
+//!   VM) cannot change what the new owner *stores*. What it *sends* is bounded by its guard
+//!   alone, on the monotonic clock: a request it had already handed to the kernel when it
+//!   froze still leaves when it thaws, and a host suspended and resumed (the monotonic clock
+//!   stops meanwhile) sends until its next renewal fails. Run daemons where neither happens
+//!   (no VM pauses longer than `0.2 × lease_ttl`, no suspend).
+//! - Requests in flight when a lease *expires* (the holder died or lost NATS) are cancelled
+//!   by the holder's guard, but one already written may still be processed by Zoom for up to
+//!   `zoom.request_timeout`; a planned hand-over waits for them instead.
 
 use std::time::{Duration, Instant};
 

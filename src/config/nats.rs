@@ -32,7 +32,7 @@ pub struct NatsConfig {
     /// acknowledged); 1 only for a single-node NATS.
     pub replicas: usize,
     /// How long an account's owner may be silent before another daemon takes its accounts
-    /// over. A failover takes about this plus a third of it plus a second.
+    /// over. A failover takes about this plus a fifth of it plus 1.1 s.
     #[serde(deserialize_with = "de_duration")]
     pub lease_ttl: Duration,
     /// A NATS credentials file (JWT and seed), if the servers ask for one.
