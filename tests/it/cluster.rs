@@ -90,15 +90,17 @@ pub async fn shows_all(
 }
 
 /// Nothing zoomq sent got a 429, no message ever had two requests at once, and no account got
-/// more than its limit into any 1-second window.
+/// more than its limit into any of Zoom's 1-second windows (the sandbox's, fixed). A sliding
+/// 1-second window can see limit + 1 when arrivals jitter by a few milliseconds (BENCHMARKS.md,
+/// "Cluster mode"; the embedded mode does the same): measured by the benchmark, not asserted.
 pub fn zoom_saw_no_excess(zoom: &zoomq::sandbox::Sandbox) {
     let stats = zoom.stats();
     for (account, a) in &stats.accounts {
         assert_eq!(a.rate_limited, 0, "{account} was rate limited");
         assert!(
-            a.max_in_sliding_window(Duration::from_secs(1)) <= a.limit_per_second,
-            "{account}: {} requests in one second, limit {}",
-            a.max_in_sliding_window(Duration::from_secs(1)),
+            a.max_in_fixed_window(Duration::from_secs(1)) <= a.limit_per_second,
+            "{account}: {} requests in one of Zoom's seconds, limit {}",
+            a.max_in_fixed_window(Duration::from_secs(1)),
             a.limit_per_second
         );
     }
