@@ -36,13 +36,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
-for _ in $(seq 1 100); do
-    curl -fsS -o /dev/null --max-time 1 "http://$address/metrics" 2>/dev/null && break
+fail() { echo "check-live: FAIL: $*" >&2; cat "$log" >&2; exit 1; }
+# The HTTP endpoint answers from the start; /readyz says 503 until the queue is open and the
+# socket bound, as a load balancer or systemd's readiness probe would see it.
+for _ in $(seq 1 150); do
+    curl -fsS -o /dev/null --max-time 1 "http://$address/healthz" 2>/dev/null && break
     sleep 0.2
 done
-fail() { echo "check-live: FAIL: $*" >&2; cat "$log" >&2; exit 1; }
 curl -fsS "http://$address/healthz" >/dev/null || fail "/healthz"
-curl -fsS "http://$address/readyz" >/dev/null || fail "/readyz"
+for _ in $(seq 1 150); do
+    curl -fsS -o /dev/null --max-time 1 "http://$address/readyz" 2>/dev/null && break
+    sleep 0.2
+done
+curl -fsS "http://$address/readyz" >/dev/null || fail "/readyz (not ready after 30 s)"
 sleep 3
 problems=$(curl -fsS "http://$address/metrics" | promtool check metrics 2>&1) || fail "promtool check metrics: $problems"
 [[ -z $problems ]] || fail "promtool check metrics: $problems"
