@@ -89,11 +89,12 @@ impl Queue {
         }
     }
 
-    /// Age of the oldest job not yet delivered, where it can be told (embedded mode).
+    /// Age of the oldest job not yet delivered (cluster mode: cluster-wide, the others' as
+    /// their last heartbeat told).
     pub fn oldest_age(&self) -> Option<Duration> {
         match self {
             Queue::Local(q) => q.oldest_age().ok().flatten(),
-            Queue::Cluster(_) => None,
+            Queue::Cluster(c) => c.oldest_age(),
         }
     }
 

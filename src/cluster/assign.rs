@@ -7,6 +7,8 @@
 //! or leaving moves only the partitions it gains or loses; every daemon agrees given the same
 //! member list, and a brief disagreement only delays a take-over (leases decide who owns).
 
+use std::time::Duration;
+
 /// Partitions of the accounts: the unit of ownership, storage and failover. Fixed: it is part
 /// of where things are stored.
 pub const PARTITIONS: u32 = 32;
@@ -37,6 +39,35 @@ pub fn desired_owner(partition: u32, members: &[String]) -> Option<&str> {
             (fnv1a(bytes), m.as_str())
         })
         .map(String::as_str)
+}
+
+/// A live daemon as the balancer weighs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub id: String,
+    /// How long it has been running (`None`: a daemon that does not say, counted as settled).
+    pub up: Option<Duration>,
+    /// Whether it owns partitions now.
+    pub owns: bool,
+}
+
+/// The members partitions are given to (sorted ids). A daemon that has just started counts
+/// only once it has run for `settle`, unless it already owns partitions or nobody has run that
+/// long (all starting together): so a daemon that crashes again and again soon after starting
+/// never takes partitions over, and the others do not hand partitions to it, and back, at each
+/// of its starts. A member that owns partitions always counts: none is dropped once it took
+/// its share.
+pub fn eligible(candidates: &[Candidate], settle: Duration) -> Vec<String> {
+    let settled = |c: &Candidate| c.up.is_none_or(|up| up >= settle);
+    let any_settled = candidates.iter().any(settled);
+    let mut ids: Vec<String> = candidates
+        .iter()
+        .filter(|c| !any_settled || c.owns || settled(c))
+        .map(|c| c.id.clone())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
 }
 
 /// A cluster-wide job id: the partition's own job id and the partition, so that dead letters
@@ -102,6 +133,28 @@ mod tests {
                 if before != all[gone] {
                     prop_assert_eq!(before, after);
                 }
+            }
+        }
+
+        /// Some member always counts; owners always count; a newcomer that owns nothing
+        /// counts only when settled or when nobody is.
+        #[test]
+        fn eligibility_keeps_owners_and_holds_newcomers_back(
+            members in proptest::collection::vec((proptest::option::of(0u64..20_000), any::<bool>()), 1..8),
+        ) {
+            let settle = Duration::from_secs(10);
+            let candidates: Vec<Candidate> = members.iter().enumerate().map(|(i, (up, owns))| Candidate {
+                id: format!("d{i}"),
+                up: up.map(Duration::from_millis),
+                owns: *owns,
+            }).collect();
+            let chosen = eligible(&candidates, settle);
+            prop_assert!(!chosen.is_empty());
+            let any_settled = candidates.iter().any(|c| c.up.is_none_or(|u| u >= settle));
+            for c in &candidates {
+                let settled = c.up.is_none_or(|u| u >= settle);
+                let expected = c.owns || settled || !any_settled;
+                prop_assert_eq!(chosen.contains(&c.id), expected, "{:?}", c);
             }
         }
 

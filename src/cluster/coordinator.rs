@@ -10,7 +10,7 @@ use async_nats::jetstream::kv;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::assign::{desired_owner, PARTITIONS};
+use super::assign::{desired_owner, eligible, Candidate, PARTITIONS};
 use super::lease::{self, Lease, Seen, Take};
 use super::{hostname, rpc, Cluster, Member, Owned, TAKES_PER_ROUND};
 use crate::queue::nats_kv::{self, Names, Partition};
@@ -85,6 +85,8 @@ impl Cluster {
             host: hostname(),
             partitions: self.all_owned().iter().map(|o| o.n).collect(),
             stats: self.local_stats(),
+            up_ms: Some(self.started.elapsed().as_millis() as u64),
+            oldest_ms: self.local_oldest_age().map(|a| a.as_millis() as u64),
         };
         let value = serde_json::to_vec(&member).expect("members serialize");
         if let Err(e) = self.members.put(&self.id, value.into()).await {
@@ -92,7 +94,8 @@ impl Cluster {
         }
     }
 
-    /// The ids of the live members, sorted (this one included); `None` if NATS did not answer.
+    /// The ids of the live members partitions are given to, sorted (see `assign::eligible`);
+    /// `None` if NATS did not answer.
     async fn live_members(&self) -> Option<Vec<String>> {
         use futures_util::TryStreamExt;
         let keys: Vec<String> = match self.members.keys().await {
@@ -110,13 +113,23 @@ impl Cluster {
                 }
             }
         }
-        let mut ids: Vec<String> = view.iter().map(|m| m.id.clone()).collect();
-        if !ids.contains(&self.id) {
-            ids.push(self.id.clone());
-        }
-        ids.sort();
+        // This daemon as it knows itself now (its record in the bucket may be a tick old).
+        let mut candidates: Vec<Candidate> = view
+            .iter()
+            .filter(|m| m.id != self.id)
+            .map(|m| Candidate {
+                id: m.id.clone(),
+                up: m.up_ms.map(std::time::Duration::from_millis),
+                owns: !m.partitions.is_empty(),
+            })
+            .collect();
+        candidates.push(Candidate {
+            id: self.id.clone(),
+            up: Some(self.started.elapsed()),
+            owns: !self.all_owned().is_empty(),
+        });
         *self.view.lock().unwrap_or_else(|e| e.into_inner()) = view;
-        Some(ids)
+        Some(eligible(&candidates, self.timing.settle()))
     }
 
     /// Renews one lease. A partition whose lease is lost, whose guard stopped it, or whose

@@ -50,6 +50,11 @@ impl Timing {
     pub fn gap(&self) -> Duration {
         Duration::from_millis(1100)
     }
+    /// How long a daemon that has just started runs before partitions are given to it
+    /// (`assign::eligible`): two lease periods.
+    pub fn settle(&self) -> Duration {
+        self.ttl * 2
+    }
 }
 
 /// The value of a lease key.

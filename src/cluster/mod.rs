@@ -21,6 +21,8 @@ mod calls;
 mod coordinator;
 pub mod lease;
 pub mod rpc;
+#[cfg(test)]
+mod rpc_tests;
 mod view;
 
 use std::collections::HashMap;
@@ -73,10 +75,18 @@ pub struct Member {
     pub host: String,
     pub partitions: Vec<u32>,
     pub stats: QueueStats,
+    /// How long it has been running, in milliseconds (see `assign::eligible`).
+    #[serde(default)]
+    pub up_ms: Option<u64>,
+    /// Age of the oldest job of its partitions not yet delivered, in milliseconds.
+    #[serde(default)]
+    pub oldest_ms: Option<u64>,
 }
 
 pub struct Cluster {
     id: String,
+    /// When this daemon joined (its age, in its heartbeat).
+    started: Instant,
     prefix: String,
     replicas: usize,
     timing: Timing,
@@ -109,44 +119,74 @@ pub async fn connect(
         .map(|s| s.parse())
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!("nats.servers: {e}"))?;
+    // A credentials file that cannot be used is a configuration error, not a reason to wait.
+    if let Some(path) = &config.credentials_file {
+        credentials(async_nats::ConnectOptions::new(), path).await?;
+    }
+    let servers = config.shown_servers();
+    persist(
+        cancel,
+        "NATS answered",
+        |e| tracing::error!(?servers, error = %e, "cannot reach NATS; retrying (not ready meanwhile)"),
+        || async {
+            let mut options = async_nats::ConnectOptions::new()
+                .name("zoomq")
+                .connection_timeout(Duration::from_secs(5));
+            if let Some(path) = &config.credentials_file {
+                options = credentials(options, path).await?;
+            }
+            if config.wants_tls() {
+                options = options.require_tls(true);
+            }
+            if let Some(ca) = &config.tls_ca_file {
+                options = options.add_root_certificates(ca.clone());
+            }
+            if let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) {
+                options = options.add_client_certificate(cert.clone(), key.clone());
+            }
+            Ok(options.connect(addrs.clone()).await?)
+        },
+    )
+    .await
+}
+
+/// `options` with the credentials of `path`; the error names the key, not the file's content.
+async fn credentials(
+    options: async_nats::ConnectOptions,
+    path: &std::path::Path,
+) -> anyhow::Result<async_nats::ConnectOptions> {
+    options.credentials_file(path).await.map_err(|e| {
+        anyhow::anyhow!(
+            "nats.credentials_file: cannot use the file it names ({})",
+            e.kind()
+        )
+    })
+}
+
+/// Runs `attempt` until it succeeds, `report`ing each failure and waiting between attempts
+/// (0.2 s, doubling up to 5 s); gives up only when `cancel` fires (the daemon is stopping).
+async fn persist<T, F, Fut>(
+    cancel: &CancellationToken,
+    until: &str,
+    report: impl Fn(&anyhow::Error),
+    mut attempt: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
     let mut delay = Duration::from_millis(200);
     loop {
-        let mut options = async_nats::ConnectOptions::new()
-            .name("zoomq")
-            .connection_timeout(Duration::from_secs(5));
-        if let Some(path) = &config.credentials_file {
-            options = options.credentials_file(path).await.map_err(|e| {
-                anyhow::anyhow!(
-                    "nats.credentials_file: cannot use the file it names ({})",
-                    e.kind()
-                )
-            })?;
-        }
-        if config.wants_tls() {
-            options = options.require_tls(true);
-        }
-        if let Some(ca) = &config.tls_ca_file {
-            options = options.add_root_certificates(ca.clone());
-        }
-        if let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) {
-            options = options.add_client_certificate(cert.clone(), key.clone());
-        }
-        let attempt = options.connect(addrs.clone());
-        let error = tokio::select! {
-            connected = attempt => match connected {
-                Ok(client) => return Ok(client),
-                Err(e) => e.to_string(),
+        tokio::select! {
+            result = attempt() => match result {
+                Ok(value) => return Ok(value),
+                Err(e) => report(&e),
             },
-            _ = cancel.cancelled() => anyhow::bail!("stopped before NATS answered"),
-        };
-        tracing::error!(
-            servers = ?config.shown_servers(),
-            error = %error,
-            "cannot reach NATS; retrying (not ready meanwhile)"
-        );
+            _ = cancel.cancelled() => anyhow::bail!("stopped before {until}"),
+        }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = cancel.cancelled() => anyhow::bail!("stopped before NATS answered"),
+            _ = cancel.cancelled() => anyhow::bail!("stopped before {until}"),
         }
         delay = (delay * 2).min(Duration::from_secs(5));
     }
@@ -161,20 +201,13 @@ async fn bucket(
     max_age: Duration,
     cancel: &CancellationToken,
 ) -> anyhow::Result<kv::Store> {
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match open_bucket(js, &name, replicas, max_age).await {
-            Ok(store) => return Ok(store),
-            Err(e) => {
-                tracing::error!(bucket = %name, error = %e, "cannot open a JetStream bucket; retrying")
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = cancel.cancelled() => anyhow::bail!("stopped before JetStream answered"),
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
-    }
+    persist(
+        cancel,
+        "JetStream answered",
+        |e| tracing::error!(bucket = %name, error = %e, "cannot open a JetStream bucket; retrying"),
+        || open_bucket(js, &name, replicas, max_age),
+    )
+    .await
 }
 
 async fn open_bucket(
@@ -261,6 +294,7 @@ impl Cluster {
         let (ready_tx, ready_rx) = mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
             id,
+            started: Instant::now(),
             prefix: nats.prefix.clone(),
             replicas: nats.replicas,
             timing,

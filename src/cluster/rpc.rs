@@ -35,8 +35,18 @@ pub enum Answer {
     Moved,
 }
 
-/// Room left in a NATS message for its subject and headers.
+/// Room left in a NATS message for its subject, reply subject and headers.
 pub const HEADROOM: usize = 4096;
+
+/// The format of calls and answers, in a header of every call. A daemon answers a call in
+/// another format with a refusal that says so instead of misreading it: during a rolling
+/// upgrade that changes the format, forwarded calls are answered `unavailable` with that
+/// reason until every daemon runs the same version (calls to the daemon that owns the
+/// account are not affected).
+const FORMAT: &str = "1";
+const FORMAT_HEADER: &str = "Zoomq-Rpc";
+/// The header of a refusal (no payload): why.
+const REFUSED_HEADER: &str = "Zoomq-Rpc-Refused";
 
 /// The subject a partition's owner answers on.
 pub fn subject(prefix: &str, partition: u32) -> String {
@@ -112,6 +122,27 @@ pub async fn serve(
         let Some(reply) = message.reply.clone() else {
             continue;
         };
+        let format = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(FORMAT_HEADER))
+            .map(|v| v.as_str().to_string());
+        if format.as_deref() != Some(FORMAT) {
+            let mut headers = async_nats::HeaderMap::new();
+            let why = format!(
+                "the daemon that owns this partition reads forwarding format {FORMAT}, the call \
+                 was in format {}: run one zoomq version on every daemon",
+                format.as_deref().unwrap_or("0")
+            );
+            headers.insert(REFUSED_HEADER, why.as_str());
+            if let Err(e) = client
+                .publish_with_headers(reply, headers, bytes::Bytes::new())
+                .await
+            {
+                tracing::warn!(error = %e, "cannot answer another daemon's request");
+            }
+            continue;
+        }
         let (client, queue, stop) = (client.clone(), queue.clone(), stop.clone());
         running.push(async move {
             let answer = match serde_json::from_slice::<Call>(&message.payload) {
@@ -168,12 +199,20 @@ pub async fn call(
     if payload.len() + HEADROOM > max_payload {
         return Err(CallError::TooLarge(payload.len(), max_payload));
     }
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(FORMAT_HEADER, FORMAT);
     let request = async_nats::Request::new()
+        .headers(headers)
         .payload(payload.into())
         .timeout(Some(timeout));
     match client.send_request(subject, request).await {
-        Ok(message) => serde_json::from_slice(&message.payload)
-            .map_err(|e| CallError::Failed(format!("unreadable answer: {e}"))),
+        Ok(message) => {
+            if let Some(why) = message.headers.as_ref().and_then(|h| h.get(REFUSED_HEADER)) {
+                return Err(CallError::Failed(why.as_str().to_string()));
+            }
+            serde_json::from_slice(&message.payload)
+                .map_err(|e| CallError::Failed(format!("unreadable answer: {e}")))
+        }
         Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Err(CallError::NoOwner),
         Err(e) => Err(CallError::Failed(e.to_string())),
     }

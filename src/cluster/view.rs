@@ -25,6 +25,24 @@ impl Cluster {
         total
     }
 
+    /// Age of the oldest job not yet delivered of the partitions this daemon owns.
+    pub fn local_oldest_age(&self) -> Option<std::time::Duration> {
+        self.all_owned()
+            .iter()
+            .filter_map(|o| o.queue.oldest_age().ok().flatten())
+            .max()
+    }
+
+    /// The same, cluster-wide: the others' as they last published them.
+    pub fn oldest_age(&self) -> Option<std::time::Duration> {
+        let view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        let others = view
+            .iter()
+            .filter(|m| m.id != self.id)
+            .filter_map(|m| m.oldest_ms.map(std::time::Duration::from_millis));
+        others.chain(self.local_oldest_age()).max()
+    }
+
     /// Cluster-wide figures: this daemon's own, and the others' as they last published them
     /// (at most `lease_ttl / 5` old).
     pub fn stats(&self) -> QueueStats {
@@ -78,6 +96,10 @@ impl Cluster {
         m.queue_in_flight.set(stats.in_flight as i64);
         m.queue_dead.set(stats.dead as i64);
         m.refs_remembered.set(stats.refs as i64);
+        m.queue_oldest_pending_age.set(
+            self.local_oldest_age()
+                .map_or(0.0, |a| a.as_secs_f64()),
+        );
         m.cluster_partitions_owned
             .set(self.all_owned().len() as i64);
         m.cluster_daemons
