@@ -7,7 +7,7 @@
 //! older edit of a message after a newer one.
 
 use super::refs::ref_of;
-use super::store::{put_ref, JobOp, StoreError};
+use super::store::{put_ref, EntryRef, JobOp, StoreError};
 use super::{now_ms, Call, Core, Job, LocalQueue};
 
 /// A send's body: the content job's edit-shaped body (robot_jid, account_id, content,
@@ -237,8 +237,7 @@ impl LocalQueue {
                         job_id = job.seq,
                         "content of a held message was claimed; held again"
                     );
-                    let entry =
-                        super::EntryRef::new(job.seq, &job.header, job.updated_ms, &job.body);
+                    let entry = EntryRef::new(job.seq, &job.header, job.updated_ms, &job.body);
                     let now = now_ms();
                     core.state
                         .requeue_key(job.key, job.seq, 0, now, false, entry.stored(job.loc));

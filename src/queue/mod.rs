@@ -38,27 +38,27 @@ mod lifecycle;
 pub mod nats_kv;
 mod nats_layout;
 pub use lifecycle::{describe, Deleted};
+mod open;
 mod recovery;
 mod refs;
+mod shared;
 mod slab;
 mod sled_kv;
 mod state;
 mod store;
 mod writer;
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use ledger::Ledger;
 pub use ledger::Loc;
-use refs::Refs;
+use open::sled_medium;
+use shared::{Core, Shared};
 pub use state::{State, Stored};
-use store::{put_next_seq, EntryRef, Op, Store};
 pub use store::{DeadRecord, JobHeader, JobOp, StoreError};
 
 /// Milliseconds since the Unix epoch: the clock of every time stored on disk.
@@ -188,92 +188,6 @@ pub struct LocalQueue {
     shared: Arc<Shared>,
 }
 
-struct Shared {
-    core: Mutex<Core>,
-    /// Signals the writer thread that `core.batch` has writes, or that the queue is closing.
-    writer_wake: Condvar,
-    /// The writer thread, joined by `close` once it has committed everything.
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Read handle on the storage; `None` while it is being reopened after a failure.
-    store: RwLock<Option<Store>>,
-    /// Where the queue is stored, and how to reopen it.
-    medium: Box<dyn kv::Medium>,
-    /// Its limits.
-    storage: crate::config::StorageConfig,
-    max_pending: u64,
-    metrics: Arc<Metrics>,
-    /// Accounts that just got ready work, for the dispatcher.
-    ready_tx: mpsc::UnboundedSender<Arc<str>>,
-    /// Woken when the earliest retry time may have moved earlier.
-    timer_changed: tokio::sync::Notify,
-    /// Woken after each successful group commit (jobs became claimable).
-    committed: tokio::sync::Notify,
-    /// Serializes operator commands on the dead letters: each reads sled, so it must see the
-    /// previous one's writes committed.
-    dead_ops: tokio::sync::Mutex<()>,
-    /// The recovery thread, joined by `close`.
-    recoverer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// What recovery found, once it is done.
-    recovered: tokio::sync::watch::Sender<Option<Recovery>>,
-    /// Bumped whenever a message gets its id or reaches a final state, for `status` waits.
-    status_changed: tokio::sync::watch::Sender<u64>,
-    /// The number of the last batch committed.
-    durable_batch: tokio::sync::watch::Sender<u64>,
-    /// Cancelled by [`LocalQueue::fence_off`]; every claimed job carries it.
-    fence: CancellationToken,
-    /// Tests only: when set, recovery waits for a message before each record and answers one
-    /// after it, so a test can look at the queue between records.
-    #[cfg(test)]
-    recovery_steps: Mutex<Option<RecoverySteps>>,
-}
-
-#[cfg(test)]
-type RecoverySteps = (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>);
-
-struct Core {
-    state: State,
-    /// The job ids of the dead letters (stored under `d` and `e`): one place decides whether
-    /// a dead letter still exists, so that concurrent operator commands and deletes count
-    /// each once.
-    dead: HashSet<u64>,
-    /// What is remembered of messages beyond their jobs (see `refs.rs`).
-    refs: Refs,
-    /// Records: entries appended and retired since the last commit (see `ledger.rs`).
-    ledger: Ledger,
-    /// Other writes not yet committed (dead letters), in the order the index changed.
-    ops: Vec<Op>,
-    /// The writes of a failed commit: they go first in the next one, in order.
-    retained: Vec<Op>,
-    /// The job-id counter as last handed to the writer.
-    next_seq_written: u64,
-    /// Whoever waits for the writes above to be durable.
-    waiters: Vec<oneshot::Sender<Result<(), String>>>,
-    /// Jobs with an entry not yet committed, with the number of the batch that holds the
-    /// newest: not claimable until it is (see `delivery.rs`), so Zoom only ever receives
-    /// durable content.
-    overlay: HashMap<u64, u64>,
-    /// Number of the batch now accumulating; the writer bumps it when it takes the batch.
-    batch_gen: u64,
-    /// The last commit's error, while commits are failing.
-    failure: Option<String>,
-    /// Free bytes on the database's filesystem, while below `storage.min_free_bytes`.
-    space_low: Option<u64>,
-    closing: bool,
-    /// The writer thread has exited (after `closing`, with nothing left to commit).
-    writer_gone: bool,
-    /// The writer thread is waiting for work: only then does a change need to wake it (a
-    /// wake-up is a system call, and under load the writer is busy committing anyway and
-    /// looks for more before it waits).
-    writer_waiting: bool,
-    /// Recovery could not read the stored records back: kept apart from `failure`, which a
-    /// later successful commit clears, because this one lasts until a restart.
-    recovery_failure: Option<String>,
-    /// While recovery runs in the background: the jobs whose content arrived since the open
-    /// (new, coalesced or restored from the dead letters). They are not claimable until
-    /// recovery is done (see [`recovery::recover`]).
-    recovering: Option<HashSet<u64>>,
-}
-
 /// What recovery found on disk.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Recovery {
@@ -318,119 +232,6 @@ impl LocalQueue {
             #[cfg(test)]
             None,
         )
-    }
-
-    /// [`LocalQueue::open`] with recovery taking one record per message on `steps.0` and
-    /// answering on `steps.1` after each.
-    #[cfg(test)]
-    fn open_stepped(
-        config: &crate::config::StorageConfig,
-        steps: RecoverySteps,
-    ) -> Result<(LocalQueue, mpsc::UnboundedReceiver<Arc<str>>), StoreError> {
-        Self::open_inner(
-            sled_medium(config),
-            config,
-            Arc::new(Metrics::new()),
-            Some(steps),
-        )
-    }
-
-    fn open_inner(
-        medium: Box<dyn kv::Medium>,
-        config: &crate::config::StorageConfig,
-        metrics: Arc<Metrics>,
-        #[cfg(test)] steps: Option<RecoverySteps>,
-    ) -> Result<(LocalQueue, mpsc::UnboundedReceiver<Arc<str>>), StoreError> {
-        let started = Instant::now();
-        let (kv, mut committer) = medium.open()?;
-        let store = Store::new(kv);
-        let migrated = recovery::migrate_v1(&store, &mut committer)?;
-        let first_new_record = store.last_record()?.map_or(1, |r| r + 1);
-        let mut state = State::new(store.next_seq()?);
-        // Remembered messages are read before anything is served (they are few next to a
-        // backlog of edits: one per ref in use or message deleted lately).
-        let mut refs = Refs::default();
-        for record in store.refs() {
-            let record = record?;
-            let key = state.key(&record.name);
-            let message_key = record
-                .message_id
-                .as_deref()
-                .filter(|_| refs::ref_of(&record.name).is_some())
-                .map(|id| state.key(id));
-            // A ref held by its dead letter: what recovery restores for it waits out of line.
-            if let (Some(_), Some(account)) = (&record.held, refs::account_of(&record.name)) {
-                state.hold(key, account);
-            }
-            refs.put(key, record, message_key);
-        }
-        let ledger = Ledger::new(first_new_record);
-        let dead_seqs = store.dead_seqs()?;
-        let dead = dead_seqs.len() as u64;
-        let (ready_tx, ready_rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(Shared {
-            core: Mutex::new(Core {
-                next_seq_written: state.next_seq(),
-                state,
-                refs,
-                dead: dead_seqs,
-                ledger,
-                ops: Vec::new(),
-                retained: Vec::new(),
-                waiters: Vec::new(),
-                overlay: HashMap::new(),
-                batch_gen: 1,
-                failure: None,
-                space_low: medium
-                    .free_space()
-                    .filter(|free| *free < config.min_free_bytes),
-                closing: false,
-                writer_gone: false,
-                writer_waiting: false,
-                recovery_failure: None,
-                recovering: Some(HashSet::new()),
-            }),
-            writer_wake: Condvar::new(),
-            writer: Mutex::new(None),
-            store: RwLock::new(Some(store.clone())),
-            medium,
-            storage: config.clone(),
-            max_pending: config.max_pending,
-            metrics,
-            ready_tx,
-            timer_changed: tokio::sync::Notify::new(),
-            committed: tokio::sync::Notify::new(),
-            dead_ops: tokio::sync::Mutex::new(()),
-            recoverer: Mutex::new(None),
-            recovered: tokio::sync::watch::channel(None).0,
-            status_changed: tokio::sync::watch::channel(0).0,
-            durable_batch: tokio::sync::watch::channel(0).0,
-            fence: CancellationToken::new(),
-            #[cfg(test)]
-            recovery_steps: Mutex::new(steps),
-        });
-        let writer_shared = shared.clone();
-        let writer = std::thread::Builder::new()
-            .name("zoomq-commit".into())
-            .spawn(move || writer::writer_loop(&writer_shared, committer))
-            .map_err(StoreError::Io)?;
-        *shared.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(writer);
-        let recovery_shared = shared.clone();
-        let recoverer = std::thread::Builder::new()
-            .name("zoomq-recover".into())
-            .spawn(move || {
-                recovery::recover(
-                    &recovery_shared,
-                    &store,
-                    first_new_record,
-                    started,
-                    dead,
-                    migrated,
-                )
-            })
-            .map_err(StoreError::Io)?;
-        *shared.recoverer.lock().unwrap_or_else(|e| e.into_inner()) = Some(recoverer);
-        Ok((LocalQueue { shared }, ready_rx))
     }
 
     /// What recovery found, once it is done (it runs in the background from `open` on).
@@ -520,126 +321,6 @@ impl LocalQueue {
     /// daemon owns this queue's partition, or is about to).
     pub fn fence_off(&self) {
         self.shared.fence.cancel();
-    }
-
-    /// Stops accepting edits, commits everything outstanding and stops the writer thread.
-    /// Blocking; call from a blocking context.
-    pub fn close(&self) {
-        self.shared.lock().closing = true;
-        // The recovery thread stops at its next record once it sees `closing`.
-        join(&self.shared.recoverer, "recovery");
-        self.shared.writer_wake.notify_one();
-        // The writer owns the write side of sled; joining it releases the database.
-        join(&self.shared.writer, "storage writer");
-    }
-}
-
-fn sled_medium(config: &crate::config::StorageConfig) -> Box<dyn kv::Medium> {
-    Box::new(sled_kv::SledMedium {
-        path: config.path.clone(),
-        cache_capacity: config.cache_capacity,
-    })
-}
-
-/// Joins the thread in `slot`, if it is still there.
-fn join(slot: &Mutex<Option<std::thread::JoinHandle<()>>>, name: &str) {
-    let thread = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-    if let Some(thread) = thread {
-        if thread.join().is_err() {
-            tracing::error!("the {name} thread panicked");
-        }
-    }
-}
-
-impl Core {
-    /// Drops the message's pending job unsent (a delete cancelled it, its dead letter was
-    /// purged, or a stored delete outranks it): its entry retires and it needs no commit.
-    fn drop_pending(&mut self, key: state::MessageKey) {
-        if let Some((seq, loc)) = self.state.drop_pending(key) {
-            if let Some(loc) = loc {
-                self.ledger.done(loc);
-            }
-            self.overlay.remove(&seq);
-        }
-    }
-
-    /// Deletes dead letter `seq` (both keys) if it still exists; returns whether it did.
-    fn remove_dead(&mut self, seq: u64) -> bool {
-        if !self.dead.remove(&seq) {
-            return false;
-        }
-        self.ops.push(Op::Del(store::key(store::DEAD, seq)));
-        self.ops.push(Op::Del(store::key(store::DEAD_BODY, seq)));
-        true
-    }
-
-    /// Appends a job's new entry and marks the job not durable until it is committed.
-    fn write_entry(&mut self, entry: &EntryRef<'_>, body: &[u8]) -> Loc {
-        self.overlay.insert(entry.seq, self.batch_gen);
-        self.ledger.append(entry, body)
-    }
-
-    /// Whether anything waits to be committed.
-    fn has_writes(&self) -> bool {
-        !self.retained.is_empty()
-            || !self.ops.is_empty()
-            || self.ledger.has_changes()
-            || self.state.next_seq() != self.next_seq_written
-    }
-
-    /// Every write since the last take, in order, for one commit.
-    fn take_writes(&mut self) -> Vec<Op> {
-        let mut ops = std::mem::take(&mut self.retained);
-        ops.extend(self.ledger.take());
-        ops.append(&mut self.ops);
-        if self.state.next_seq() != self.next_seq_written {
-            self.next_seq_written = self.state.next_seq();
-            ops.push(put_next_seq(self.next_seq_written));
-        }
-        ops
-    }
-}
-
-impl Shared {
-    /// A read handle on the database (a cheap clone), unless it is being reopened.
-    fn store(&self) -> Result<Store, StoreError> {
-        // Never block a reader (an async worker) behind a reopen.
-        match self.store.try_read() {
-            Ok(slot) => slot.clone().ok_or(StoreError::Reopening),
-            Err(std::sync::TryLockError::Poisoned(e)) => {
-                e.into_inner().clone().ok_or(StoreError::Reopening)
-            }
-            Err(std::sync::TryLockError::WouldBlock) => Err(StoreError::Reopening),
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Core> {
-        // A panic while holding the lock leaves the index as it was at the panic; keep going
-        // rather than poisoning every producer.
-        self.core.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn announce(&self, account: Option<Arc<str>>) {
-        if let Some(account) = account {
-            let _ = self.ready_tx.send(account);
-        }
-    }
-
-    /// Registers a waiter for the writes already in the batch and wakes the writer.
-    fn commit_locked(&self, mut core: MutexGuard<'_, Core>) -> Commit {
-        let (tx, rx) = oneshot::channel();
-        // The writer has exited (the queue closed): nobody would ever answer.
-        if core.writer_gone {
-            let _ = tx.send(Err("the queue is closed".into()));
-            return rx;
-        }
-        core.waiters.push(tx);
-        let wake = core.writer_waiting;
-        drop(core);
-        if wake {
-            self.writer_wake.notify_one();
-        }
-        rx
     }
 }
 
