@@ -1,5 +1,6 @@
-//! Configuration: the TOML file's schema, its defaults (this file is the one place they live), and
-//! validation into typed values. No other module reads environment variables or secret files.
+//! Configuration: the TOML file's schema, its defaults (`sections.rs` is the one place they live,
+//! `nats.rs` for `[nats]`), and validation into typed values. No other module reads environment
+//! variables or secret files.
 //!
 //! Reading a file reports *every* problem at once, one line each, `FILE:LINE:COL: KEY: MESSAGE`
 //! (position or key left out when unknown), so `zoomq check-config` can print them all:
@@ -18,31 +19,36 @@
 //! file): only their message and span are used, and for a secret-bearing key serde's message,
 //! which quotes the value, is cut to its expectation. As a second line of defence every output
 //! line is scrubbed of the values written on secret-bearing lines and of the loaded secret.
+//!
+//! Besides this file (the whole file's struct, reading it, the secret-bearing keys, per-account
+//! figures): `sections.rs` the tables and every default, `check.rs` the checks of values,
+//! `secret.rs` the client secret, `read.rs` reading the text, `nats.rs` the `[nats]` section.
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use toml::de::{DeString, DeTable, DeValue};
 use toml::Spanned;
 
-use crate::plan::Plan;
-
+mod check;
 mod nats;
 mod read;
+mod secret;
+mod sections;
 #[cfg(test)]
 mod tests;
 
 use self::read::*;
 pub use nats::{Backend, NatsConfig};
+pub use secret::{Secret, SECRET_ENV};
+pub use sections::{
+    AccountConfig, DeliveryConfig, MetricsConfig, SendInDoubt, SocketConfig, StorageConfig,
+    ZoomConfig,
+};
 
 /// The standard socket path, used when neither `--socket` nor a config file names one.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/zoomq/zoomq.sock";
-/// Environment variable that may carry the Zoom client secret.
-pub const SECRET_ENV: &str = "ZOOMQ_CLIENT_SECRET";
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -57,249 +63,6 @@ pub struct Config {
     pub nats: NatsConfig,
     /// Per-account overrides, keyed by Zoom `account_id`.
     pub accounts: BTreeMap<String, AccountConfig>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SocketConfig {
-    /// Where producers connect. Ignored when systemd passes a listening socket.
-    pub path: PathBuf,
-    /// File mode of the socket, as an octal string.
-    #[serde(deserialize_with = "de_mode")]
-    pub mode: u32,
-    /// Connections served at once; further clients wait in the kernel's backlog.
-    pub max_connections: usize,
-    /// Longest request line accepted; longer lines get `too_large`.
-    pub max_line_bytes: usize,
-    /// Requests of one connection being processed at once (pipelining depth).
-    pub max_pipelined: usize,
-    /// A connection with no request for this long is closed. "0s" disables.
-    #[serde(deserialize_with = "de_duration")]
-    pub idle_timeout: Duration,
-    /// A client that does not read its responses for this long is disconnected.
-    #[serde(deserialize_with = "de_duration")]
-    pub write_timeout: Duration,
-    /// When non-empty, only these peer uids (SO_PEERCRED) may connect, besides `allowed_gids`.
-    pub allowed_uids: Vec<u32>,
-    /// When non-empty, peers whose primary gid is listed may connect.
-    pub allowed_gids: Vec<u32>,
-    /// Longest `wait` a `status` request may ask for; longer ones are refused.
-    #[serde(deserialize_with = "de_duration")]
-    pub max_status_wait: Duration,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StorageConfig {
-    /// Where the queue lives: `sled` (embedded, under `path`) or `nats` (several daemons as
-    /// one service, see `[nats]`).
-    pub backend: Backend,
-    /// Directory of the sled database (unused with the `nats` backend).
-    pub path: PathBuf,
-    /// Pending edits beyond which enqueue answers `queue_full`.
-    pub max_pending: u64,
-    /// sled's page cache, in bytes (sled's own default is 1 GiB). A queue reads each record
-    /// about once, so a small cache costs little; sled's resident memory overshoots it
-    /// (BENCHMARKS.md, "Scale").
-    pub cache_capacity: u64,
-    /// New edits are refused (`unavailable`) while the filesystem has less free space than
-    /// this, so the database never runs into a full disk mid-write.
-    pub min_free_bytes: u64,
-    /// When nothing is pending, in flight or dead and the database's files take more than
-    /// this, they are rebuilt empty, giving back the space a large backlog took (sled reuses
-    /// its file's space but never shrinks it). 0: never.
-    pub shrink_above_bytes: u64,
-    /// A message named by a `ref` (and a deleted message) is remembered this long after its
-    /// last use, then forgotten: its ref is free again and answers `not_found`.
-    #[serde(deserialize_with = "de_duration")]
-    pub ref_retention: Duration,
-    /// Most messages remembered at once (by ref, or as deleted): about 0.5 KB of memory each
-    /// (the default, 100,000, about 50 MB).
-    /// A send of a new ref or a delete of a new message beyond it answers `queue_full`.
-    pub max_refs: u64,
-}
-
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ZoomConfig {
-    pub api_base: String,
-    pub token_url: String,
-    pub client_id: String,
-    client_secret: Option<String>,
-    client_secret_file: Option<PathBuf>,
-    /// Default plan of every account without an override.
-    pub plan: Plan,
-    #[serde(deserialize_with = "de_duration")]
-    pub connect_timeout: Duration,
-    #[serde(deserialize_with = "de_duration")]
-    pub request_timeout: Duration,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DeliveryConfig {
-    /// Requests to Zoom in flight at once, over all accounts.
-    pub concurrency: usize,
-    /// First retry delay after a transient failure (before jitter).
-    #[serde(deserialize_with = "de_duration")]
-    pub retry_initial: Duration,
-    /// Longest retry delay.
-    #[serde(deserialize_with = "de_duration")]
-    pub retry_max: Duration,
-    /// An edit failing for longer than this goes to the dead letters.
-    #[serde(deserialize_with = "de_duration")]
-    pub max_age: Duration,
-    /// On SIGTERM, how long in-flight requests and owed answers may take to finish; at most
-    /// `crate::SHUTDOWN_GRACE_MAX` (1 s) whatever is set.
-    #[serde(deserialize_with = "de_duration")]
-    pub shutdown_timeout: Duration,
-    /// Limiter state of an account idle this long is released.
-    #[serde(deserialize_with = "de_duration")]
-    pub account_idle: Duration,
-    /// Share of the plan rate actually used, for safety margin (0 < x <= 1).
-    pub rate_margin: f64,
-    /// A send whose outcome is unknown (the request was written and no answer says whether
-    /// Zoom posted it): `retry` it (at least once: a duplicate is possible) or make it a
-    /// `dead` letter with its later edits (at most once).
-    pub send_in_doubt: SendInDoubt,
-}
-
-/// See [`DeliveryConfig::send_in_doubt`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SendInDoubt {
-    Retry,
-    Dead,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MetricsConfig {
-    /// Address of the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`); empty disables it.
-    pub listen: String,
-    /// Per-account series for at most this many accounts (the largest backlogs); 0 disables.
-    pub per_account_series: usize,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AccountConfig {
-    /// This account's plan.
-    pub plan: Option<Plan>,
-    /// An explicit rate in requests per second, overriding the plan's.
-    pub rate: Option<f64>,
-}
-
-/// A secret string whose `Debug` and `Display` never show it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
-    }
-    /// The secret itself. Callers must not log it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-impl fmt::Debug for ZoomConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ZoomConfig")
-            .field("api_base", &self.api_base)
-            .field("token_url", &self.token_url)
-            .field("client_id", &self.client_id)
-            .field(
-                "client_secret",
-                &self.client_secret.as_ref().map(|_| "<redacted>"),
-            )
-            .field(
-                "client_secret_file",
-                &self.client_secret_file.as_ref().map(|_| "<not shown>"),
-            )
-            .field("plan", &self.plan)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("request_timeout", &self.request_timeout)
-            .finish()
-    }
-}
-
-impl Default for SocketConfig {
-    fn default() -> Self {
-        SocketConfig {
-            path: PathBuf::from(DEFAULT_SOCKET_PATH),
-            mode: 0o660,
-            max_connections: 1024,
-            max_line_bytes: 1024 * 1024,
-            max_pipelined: 1024,
-            idle_timeout: Duration::from_secs(600),
-            write_timeout: Duration::from_secs(30),
-            allowed_uids: Vec::new(),
-            allowed_gids: Vec::new(),
-            max_status_wait: Duration::from_secs(60),
-        }
-    }
-}
-
-impl Default for StorageConfig {
-    fn default() -> Self {
-        StorageConfig {
-            backend: Backend::Sled,
-            path: PathBuf::from("/var/lib/zoomq"),
-            max_pending: 1_000_000,
-            cache_capacity: 8 * 1024 * 1024,
-            min_free_bytes: 256 * 1024 * 1024,
-            shrink_above_bytes: 64 * 1024 * 1024,
-            ref_retention: Duration::from_secs(7 * 24 * 3600),
-            max_refs: 100_000,
-        }
-    }
-}
-
-impl Default for ZoomConfig {
-    fn default() -> Self {
-        ZoomConfig {
-            api_base: "https://api.zoom.us/v2".into(),
-            token_url: "https://zoom.us/oauth/token".into(),
-            client_id: String::new(),
-            client_secret: None,
-            client_secret_file: None,
-            plan: Plan::Pro,
-            connect_timeout: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(30),
-        }
-    }
-}
-
-impl Default for DeliveryConfig {
-    fn default() -> Self {
-        DeliveryConfig {
-            concurrency: 256,
-            retry_initial: Duration::from_secs(1),
-            retry_max: Duration::from_secs(300),
-            max_age: Duration::from_secs(24 * 3600),
-            shutdown_timeout: Duration::from_secs(1),
-            account_idle: Duration::from_secs(600),
-            rate_margin: 0.995,
-            send_in_doubt: SendInDoubt::Retry,
-        }
-    }
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        MetricsConfig {
-            listen: "127.0.0.1:9464".into(),
-            per_account_series: 10,
-        }
-    }
 }
 
 /// Everything wrong with a configuration, one line per problem.
@@ -393,211 +156,6 @@ impl Config {
         }
     }
 
-    /// Checks every value, returning all problems found, each `key: message`.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let problems = self.check_values();
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError {
-                problems: problems
-                    .iter()
-                    .map(|p| format!("{}: {}", p.key, p.message))
-                    .collect(),
-            })
-        }
-    }
-
-    fn check_values(&self) -> Vec<Problem> {
-        let (socket, storage, zoom, delivery) =
-            (&self.socket, &self.storage, &self.zoom, &self.delivery);
-        let checks = [
-            (
-                !socket.path.as_os_str().is_empty(),
-                "socket.path",
-                "must not be empty",
-            ),
-            (
-                socket.mode <= 0o777,
-                "socket.mode",
-                "expected an octal file mode such as \"0660\"",
-            ),
-            (
-                socket.max_connections >= 1,
-                "socket.max_connections",
-                "expected at least 1",
-            ),
-            (
-                (1024..=64 * 1024 * 1024).contains(&socket.max_line_bytes),
-                "socket.max_line_bytes",
-                "expected between 1024 and 67108864",
-            ),
-            (
-                socket.max_pipelined >= 1,
-                "socket.max_pipelined",
-                "expected at least 1",
-            ),
-            (
-                !socket.write_timeout.is_zero(),
-                "socket.write_timeout",
-                "expected a positive duration",
-            ),
-            (
-                !storage.path.as_os_str().is_empty(),
-                "storage.path",
-                "must not be empty",
-            ),
-            (
-                storage.max_pending >= 1,
-                "storage.max_pending",
-                "expected at least 1",
-            ),
-            (
-                storage.cache_capacity >= 1024 * 1024,
-                "storage.cache_capacity",
-                "expected at least 1048576 bytes",
-            ),
-            (
-                !zoom.client_id.is_empty(),
-                "zoom.client_id",
-                "must be set to the app's client id",
-            ),
-            (
-                zoom.client_secret.is_none() || zoom.client_secret_file.is_none(),
-                "zoom.client_secret_file",
-                "set either zoom.client_secret or zoom.client_secret_file, not both",
-            ),
-            (
-                !zoom.connect_timeout.is_zero(),
-                "zoom.connect_timeout",
-                "expected a positive duration",
-            ),
-            (
-                !zoom.request_timeout.is_zero(),
-                "zoom.request_timeout",
-                "expected a positive duration",
-            ),
-            (
-                (1..=10_000).contains(&delivery.concurrency),
-                "delivery.concurrency",
-                "expected between 1 and 10000",
-            ),
-            (
-                !delivery.retry_initial.is_zero(),
-                "delivery.retry_initial",
-                "expected a positive duration",
-            ),
-            (
-                delivery.retry_max >= delivery.retry_initial,
-                "delivery.retry_max",
-                "expected at least delivery.retry_initial",
-            ),
-            (
-                !delivery.max_age.is_zero(),
-                "delivery.max_age",
-                "expected a positive duration",
-            ),
-            (
-                delivery.rate_margin > 0.0 && delivery.rate_margin <= 1.0,
-                "delivery.rate_margin",
-                "expected a number above 0 and at most 1",
-            ),
-            (
-                self.storage.ref_retention >= Duration::from_secs(60),
-                "storage.ref_retention",
-                "expected at least 1m (producers name their messages by ref for that long)",
-            ),
-        ];
-        let mut problems: Vec<Problem> = checks
-            .into_iter()
-            .filter(|(ok, _, _)| !ok)
-            .map(|(_, key, message)| Problem::new(key, message))
-            .collect();
-        for (key, url) in [
-            ("zoom.api_base", &zoom.api_base),
-            ("zoom.token_url", &zoom.token_url),
-        ] {
-            if let Err(e) = reqwest::Url::parse(url) {
-                problems.push(Problem::new(
-                    key,
-                    format!("expected an http(s) URL, got {url:?} ({e})"),
-                ));
-            } else if !(url.starts_with("http://") || url.starts_with("https://")) {
-                problems.push(Problem::new(
-                    key,
-                    format!("expected an http(s) URL, got {url:?}"),
-                ));
-            }
-        }
-        if let Err(problem) = self.find_client_secret() {
-            problems.push(problem);
-        }
-        let listen = &self.metrics.listen;
-        if !listen.is_empty() && listen.parse::<SocketAddr>().is_err() {
-            problems.push(Problem::new(
-                "metrics.listen",
-                format!(
-                    "expected an address such as \"127.0.0.1:9464\" (or \"\" to disable), got {listen:?}"
-                ),
-            ));
-        }
-        nats::check(self, &mut problems);
-        for (account, settings) in &self.accounts {
-            if let Some(rate) = settings.rate {
-                if !(rate > 0.0 && rate <= 10_000.0) {
-                    problems.push(Problem::new(
-                        dotted(&["accounts", account, "rate"]),
-                        format!(
-                            "expected requests per second above 0 and at most 10000, got {rate}"
-                        ),
-                    ));
-                }
-            }
-        }
-        problems
-    }
-
-    /// The Zoom client secret, from (in order) `zoom.client_secret`, `zoom.client_secret_file`,
-    /// the systemd credential `$CREDENTIALS_DIRECTORY/client_secret`, or `$ZOOMQ_CLIENT_SECRET`.
-    /// Errors never contain the secret, nor the path `zoom.client_secret_file` names.
-    pub fn client_secret(&self) -> Result<Secret, String> {
-        self.find_client_secret()
-            .map_err(|p| format!("{}: {}", p.key, p.message))
-    }
-
-    fn find_client_secret(&self) -> Result<Secret, Problem> {
-        if let Some(secret) = &self.zoom.client_secret {
-            return non_empty(secret.clone(), "zoom.client_secret");
-        }
-        if let Some(path) = &self.zoom.client_secret_file {
-            // The path is not shown: a secret written here by mistake would be.
-            return read_secret_file(path, "zoom.client_secret_file", "the file it names");
-        }
-        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-            let path = Path::new(&dir).join("client_secret");
-            if path.exists() {
-                let shown = path.display().to_string();
-                return read_secret_file(&path, "systemd credential client_secret", &shown);
-            }
-        }
-        if let Ok(secret) = std::env::var(SECRET_ENV) {
-            return non_empty(secret, SECRET_ENV);
-        }
-        Err(Problem::new(
-            "zoom.client_secret",
-            format!(
-                "not set; set zoom.client_secret or zoom.client_secret_file, \
-                 pass the systemd credential client_secret, or set {SECRET_ENV}"
-            ),
-        ))
-    }
-
-    /// Sets the secret directly (the demo and tests use this).
-    pub fn set_client_secret(&mut self, secret: &str) {
-        self.zoom.client_secret = Some(secret.to_string());
-        self.zoom.client_secret_file = None;
-    }
-
     /// Zoom's limit for an account in requests per second: its `rate` override, else its plan's
     /// Medium limit.
     pub fn account_limit(&self, account_id: &str) -> f64 {
@@ -627,39 +185,4 @@ impl Config {
             .unwrap_or(self.zoom.plan)
             .per_day()
     }
-}
-
-fn non_empty(secret: String, source: &str) -> Result<Secret, Problem> {
-    if secret.is_empty() {
-        Err(Problem::new(source, "the client secret is empty"))
-    } else {
-        Ok(Secret(secret))
-    }
-}
-
-fn read_secret_file(path: &Path, source: &str, shown: &str) -> Result<Secret, Problem> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Problem::new(source, format!("cannot read {shown}: {e}")))?;
-    non_empty(text.trim_end_matches(['\n', '\r']).to_string(), source)
-}
-
-fn de_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    humantime::parse_duration(&text).map_err(|e| {
-        serde::de::Error::custom(format!(
-            "expected a duration such as \"1s\", \"250ms\" or \"5m\", got {text:?} ({e})"
-        ))
-    })
-}
-
-fn de_mode<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    u32::from_str_radix(text.trim_start_matches("0o"), 8)
-        .ok()
-        .filter(|mode| *mode <= 0o777)
-        .ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "expected an octal file mode such as \"0660\", got {text:?}"
-            ))
-        })
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::read::Problem;
-use super::{de_duration, Config};
+use super::sections::de_duration;
+use super::Config;
 
 /// Where the queue lives.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -1,5 +1,7 @@
 //! Tests of the configuration: parsing, every problem at once, secrets never shown, defaults.
 
+use std::time::Duration;
+
 use super::*;
 
 fn problems(text: &str) -> String {
