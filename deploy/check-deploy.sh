@@ -11,8 +11,8 @@
 #   - promtool check config / check rules / test rules,
 #   - the Grafana dashboard: valid JSON, every panel has targets and every target an expr, no
 #     hard-coded data source uid, the datasource and instance variables exist, unique panel ids,
-#   - every metric name used by the rules and the dashboard exists in src/metrics.rs (or is one
-#     of the standard process_* metrics, or `up`).
+#   - every metric name used by the rules and the dashboard exists in src/metrics/families.rs (or
+#     is one of the standard process_* metrics, or `up`).
 #
 # `systemd-analyze verify` insists that ExecStart= exists. Rather than creating /usr/bin/zoomq
 # on the host, the units are verified in a throwaway root (--root=) holding a copy of the host's
@@ -31,7 +31,7 @@ rules=$deploy/prometheus/zoomq-rules.yml
 rules_test=$deploy/prometheus/zoomq-rules.test.yml
 prom_config=$deploy/prometheus/prometheus.yml
 dashboard=$repo/grafana/zoomq-dashboard.json
-metrics_rs=$repo/src/metrics.rs
+metrics_rs=$repo/src/metrics/families.rs
 
 export SYSTEMD_PAGER=cat SYSTEMD_COLORS=0 LC_ALL=C.UTF-8
 
@@ -227,10 +227,10 @@ check_dashboard() {
 # ----------------------------------------------------------------------------- metric names
 check_metric_names() {
     if [[ ! -f $metrics_rs ]]; then
-        fail "src/metrics.rs not found: cannot check metric names"
+        fail "src/metrics/families.rs not found: cannot check metric names"
         return 0
     fi
-    # Names registered in metrics.rs; histograms also expose _bucket, _sum and _count.
+    # Names registered in families.rs; histograms also expose _bucket, _sum and _count.
     local known
     known=$(grep -o '"zoomq_[a-z0-9_]*"' "$metrics_rs" | tr -d '"' |
         sed 'p; s/$/_bucket/p; s/_bucket$/_sum/p; s/_sum$/_count/' | sort -u)
@@ -243,7 +243,7 @@ check_metric_names() {
     } | grep -oE '\b(zoomq_[a-z0-9_]+|process_[a-z_]+|up)\b' | sort -u)
     unknown=$(comm -23 <(printf '%s\n' "$used") <(printf '%s\n' "$known" | sort -u))
     if [[ -n $unknown ]]; then
-        fail "metric names used by the rules or dashboard but not exported (src/metrics.rs)" "$unknown"
+        fail "metric names used by the rules or dashboard but not exported (src/metrics/families.rs)" "$unknown"
     else
         ok "every metric name in the rules and dashboard is exported ($(wc -l <<<"$used") names)"
     fi
