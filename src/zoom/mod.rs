@@ -15,7 +15,8 @@
 //! decisions and the retry policy decides how long to wait. Code map:
 //! - `mod.rs`: settings, the client, the three calls' requests and their metrics.
 //! - `token.rs`: the access-token cache (single flight, refresh ahead, backoff).
-//! - `reply.rs`: answer classification, error bodies, rate-limit headers, `Retry-After`.
+//! - `reply/`: answer classification and rate-limit headers (`mod.rs`), `Retry-After`
+//!   (`retry_after.rs`), error bodies and the size-capped read (`body.rs`).
 //! - `fake.rs`, `tests.rs` and `tests_lifecycle.rs` (tests only): a scripted fake Zoom and the
 //!   loopback tests (the edit's answer classes and the token in `tests.rs`; send, delete and
 //!   `in_doubt` in `tests_lifecycle.rs`).

@@ -1,72 +1,27 @@
-//! Reading Zoom's answers: the size-capped body read, the lenient error-body parser, the
-//! rate-limit headers with `Retry-After`, and the classification of one HTTP answer into an
-//! [`Outcome`]. Everything here is a pure function of the answer except [`read_capped`]; this
-//! file holds no state and never sees the access token.
+//! Reading Zoom's answers: one HTTP answer classified into an [`Outcome`] by its status, its
+//! rate-limit headers and its body (this file), the `Retry-After` header's three forms
+//! (`retry_after.rs`), and the body itself, read size-capped and parsed leniently (`body.rs`).
+//! Everything here is a pure function of the answer except [`read_capped`]; this module holds
+//! no state and never sees the access token.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
 use serde_json::Value;
-use time::format_description::well_known::{Iso8601, Rfc3339};
-use time::macros::format_description;
-use time::{OffsetDateTime, PrimitiveDateTime};
 
 use super::{Call, LimitKind, Outcome, Sent};
 
-/// Most bytes of an answer body kept; a hostile or broken server cannot make us buffer more.
-pub(super) const MAX_BODY: usize = 64 * 1024;
-/// Most characters of a body quoted in an error message.
-const EXCERPT_CHARS: usize = 200;
-/// The furthest a `Retry-After` may push a retry; anything later is taken as this.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(2 * 24 * 3600);
+mod body;
+mod retry_after;
+
+use body::ErrorBody;
+pub(super) use body::{excerpt, parse_error_body, read_capped};
+pub use retry_after::parse_retry_after;
+
 /// Body codes Zoom uses for a missing, invalid or expired access token (7010 is the chatbot
 /// API's, 124 and 4700 the generic REST API's).
 const BAD_TOKEN_CODES: [i64; 3] = [124, 4700, 7010];
-
-/// Parses a `Retry-After` value in any of the three forms Zoom or HTTP may use: delay seconds
-/// (`"120"`), an HTTP-date (`"Sun, 31 May 2020 00:00:00 GMT"`) or an RFC 3339 / ISO 8601
-/// instant (`"2020-05-31T00:00:00Z"`; without an offset it is taken as UTC). The result is
-/// clamped to `[now, now + 2 days]`: an instant in the past means "now". `None` when the value
-/// is none of these.
-pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<SystemTime> {
-    let value = value.trim();
-    if value.is_empty() {
-        return None;
-    }
-    if let Ok(seconds) = value.parse::<i64>() {
-        return Some(after_nanos(now, i128::from(seconds) * 1_000_000_000));
-    }
-    if let Ok(seconds) = value.parse::<f64>() {
-        // `f64::from_str` also accepts "inf" and "NaN", which are no delay at all.
-        if !seconds.is_finite() {
-            return None;
-        }
-        let nanos = (seconds * 1e9).clamp(-1e30, 1e30) as i128;
-        return Some(after_nanos(now, nanos));
-    }
-    if let Ok(instant) = httpdate::parse_http_date(value) {
-        let delay = instant.duration_since(now).unwrap_or(Duration::ZERO);
-        return Some(now + delay.min(MAX_RETRY_AFTER));
-    }
-    let instant = OffsetDateTime::parse(value, &Rfc3339)
-        .or_else(|_| OffsetDateTime::parse(value, &Iso8601::DEFAULT))
-        .or_else(|_| {
-            let local = format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
-            PrimitiveDateTime::parse(value, local).map(PrimitiveDateTime::assume_utc)
-        })
-        .ok()?;
-    let now_nanos = now
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_nanos() as i128);
-    Some(after_nanos(now, instant.unix_timestamp_nanos() - now_nanos))
-}
-
-/// `now` plus a signed delay in nanoseconds, clamped to `[now, now + MAX_RETRY_AFTER]`.
-fn after_nanos(now: SystemTime, nanos: i128) -> SystemTime {
-    let capped = nanos.clamp(0, MAX_RETRY_AFTER.as_nanos() as i128);
-    now + Duration::from_nanos(capped as u64)
-}
 
 /// One answer, classified. A refused token is not an [`Outcome`] yet: the client retries once.
 #[derive(Debug, PartialEq, Eq)]
@@ -161,7 +116,7 @@ fn may_be_applied(status: StatusCode) -> bool {
 }
 
 /// A send's 2xx: the posted message's name, or a rejection when the body does not name it
-/// (empty, cut off at [`MAX_BODY`], not JSON, no non-empty `message_id` string). Such a
+/// (empty, cut off at [`body::MAX_BODY`], not JSON, no non-empty `message_id` string). Such a
 /// message can never be edited or deleted, and a retry would post it twice, so it is refused
 /// for good.
 fn sent(status: u16, body: &[u8]) -> Outcome {
@@ -212,114 +167,10 @@ fn describe_status(status: StatusCode, error: &ErrorBody) -> String {
     text
 }
 
-/// What an error body says, as far as it can be made out.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct ErrorBody {
-    pub code: Option<i64>,
-    /// Never longer than about [`EXCERPT_CHARS`]; empty when the body said nothing.
-    pub message: String,
-}
-
-/// Parses Zoom's `{"code": int, "message": str}` leniently: a string code, OAuth's
-/// `error`/`reason`, an `errors` array (strings or objects with `message`), `result: false`
-/// (ignored) and non-JSON bodies (quoted as a short excerpt) are all accepted.
-pub(super) fn parse_error_body(body: &[u8]) -> ErrorBody {
-    let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) else {
-        return ErrorBody {
-            code: None,
-            message: excerpt(body),
-        };
-    };
-    let mut code = map.get("code").and_then(as_code);
-    let mut message = ["message", "reason", "error_description", "error"]
-        .iter()
-        .find_map(|key| {
-            map.get(*key)
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-        })
-        .unwrap_or_default()
-        .to_string();
-    let details: Vec<String> = match map.get("errors") {
-        Some(Value::Array(errors)) => errors
-            .iter()
-            .filter_map(|item| match item {
-                Value::String(text) => Some(text.clone()),
-                Value::Object(fields) => {
-                    code = code.or_else(|| fields.get("code").and_then(as_code));
-                    fields
-                        .get("message")
-                        .and_then(Value::as_str)
-                        .map(str::to_string)
-                }
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
-    if !details.is_empty() {
-        let joined = details.join("; ");
-        message = if message.is_empty() {
-            joined
-        } else {
-            format!("{message} ({joined})")
-        };
-    }
-    ErrorBody {
-        code,
-        message: excerpt(message.as_bytes()),
-    }
-}
-
-fn as_code(value: &Value) -> Option<i64> {
-    match value {
-        Value::Number(number) => number.as_i64(),
-        Value::String(text) => text.trim().parse().ok(),
-        _ => None,
-    }
-}
-
-/// A body as one short line of text: lossy UTF-8, control characters as spaces, at most
-/// [`EXCERPT_CHARS`] characters (cut on a character boundary, marked with `…`).
-pub(super) fn excerpt(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    let mut out: String = text
-        .chars()
-        .take(EXCERPT_CHARS)
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if text.chars().nth(EXCERPT_CHARS).is_some() {
-        out.push('…');
-    }
-    out
-}
-
-/// Reads at most [`MAX_BODY`] bytes of a body. A failure while reading keeps what arrived:
-/// the status line already decided the outcome, the body only explains it.
-pub(super) async fn read_capped(response: &mut reqwest::Response) -> Vec<u8> {
-    let mut buffer = Vec::new();
-    loop {
-        match response.chunk().await {
-            Ok(Some(chunk)) => {
-                let room = MAX_BODY - buffer.len();
-                buffer.extend_from_slice(&chunk[..chunk.len().min(room)]);
-                if buffer.len() >= MAX_BODY {
-                    break;
-                }
-            }
-            Ok(None) => break,
-            Err(error) => {
-                tracing::debug!(error = %error, "could not read the whole answer body");
-                break;
-            }
-        }
-    }
-    buffer
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
     use super::*;
     use reqwest::header::HeaderValue;
 
@@ -329,122 +180,6 @@ mod tests {
 
     // 2020-05-30T23:58:00Z, two minutes before Zoom's documented example instant.
     const NOW: u64 = 1_590_883_080;
-
-    #[test]
-    fn retry_after_seconds() {
-        let now = at(NOW);
-        assert_eq!(parse_retry_after("120", now), Some(at(NOW + 120)));
-        assert_eq!(parse_retry_after(" 0 ", now), Some(now));
-        assert_eq!(
-            parse_retry_after("1.5", now),
-            Some(now + Duration::from_millis(1500))
-        );
-        assert_eq!(parse_retry_after("-5", now), Some(now));
-        assert_eq!(
-            parse_retry_after("99999999999999999999999", now),
-            Some(now + MAX_RETRY_AFTER)
-        );
-    }
-
-    #[test]
-    fn retry_after_http_date() {
-        let now = at(NOW);
-        assert_eq!(
-            parse_retry_after("Sun, 31 May 2020 00:00:00 GMT", now),
-            Some(at(NOW + 120))
-        );
-        assert_eq!(
-            parse_retry_after("Sat, 30 May 2020 00:00:00 GMT", now),
-            Some(now)
-        );
-    }
-
-    #[test]
-    fn retry_after_iso_instant() {
-        let now = at(NOW);
-        assert_eq!(
-            parse_retry_after("2020-05-31T00:00:00Z", now),
-            Some(at(NOW + 120))
-        );
-        assert_eq!(
-            parse_retry_after("2020-05-31T02:00:00+02:00", now),
-            Some(at(NOW + 120))
-        );
-        assert_eq!(
-            parse_retry_after("2020-05-31T00:00:00", now),
-            Some(at(NOW + 120))
-        );
-        assert_eq!(
-            parse_retry_after("2020-05-31T00:00:00.500Z", now),
-            Some(at(NOW + 120) + Duration::from_millis(500))
-        );
-        assert_eq!(parse_retry_after("1999-01-01T00:00:00Z", now), Some(now));
-        assert_eq!(
-            parse_retry_after("2999-01-01T00:00:00Z", now),
-            Some(now + MAX_RETRY_AFTER)
-        );
-    }
-
-    #[test]
-    fn retry_after_garbage() {
-        let now = at(NOW);
-        for value in [
-            "",
-            "soon",
-            "inf",
-            "NaN",
-            "2020-13-45T00:00:00Z",
-            "12 seconds",
-        ] {
-            assert_eq!(parse_retry_after(value, now), None, "{value:?}");
-        }
-    }
-
-    #[test]
-    fn error_bodies_are_read_leniently() {
-        let zoom = parse_error_body(br#"{"code":8001,"message":"Invalid message_id value."}"#);
-        assert_eq!(
-            zoom,
-            ErrorBody {
-                code: Some(8001),
-                message: "Invalid message_id value.".into()
-            }
-        );
-        let listed = parse_error_body(
-            br#"{"code":"300","message":"Validation Failed.","result":false,"errors":[{"field":"content","message":"Empty message"},"second"]}"#,
-        );
-        assert_eq!(listed.code, Some(300));
-        assert_eq!(listed.message, "Validation Failed. (Empty message; second)");
-        let only_errors = parse_error_body(br#"{"errors":[{"code":7001,"message":"bad body"}]}"#);
-        assert_eq!(
-            only_errors,
-            ErrorBody {
-                code: Some(7001),
-                message: "bad body".into()
-            }
-        );
-        let oauth = parse_error_body(br#"{"reason":"Invalid client","error":"invalid_client"}"#);
-        assert_eq!(oauth.message, "Invalid client");
-        let html = parse_error_body(b"<html>\n<body>Bad Gateway</body></html>");
-        assert_eq!(
-            html,
-            ErrorBody {
-                code: None,
-                message: "<html> <body>Bad Gateway</body></html>".into()
-            }
-        );
-        assert_eq!(parse_error_body(b"").message, "");
-        assert_eq!(parse_error_body(b"[1,2]").message, "[1,2]");
-    }
-
-    #[test]
-    fn excerpts_are_short_and_cut_on_characters() {
-        let long = "ü".repeat(500);
-        let cut = excerpt(long.as_bytes());
-        assert_eq!(cut.chars().count(), EXCERPT_CHARS + 1);
-        assert!(cut.ends_with('…'));
-        assert_eq!(excerpt(&[0xff, b'a']), "\u{fffd}a");
-    }
 
     #[test]
     fn classification() {
