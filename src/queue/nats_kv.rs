@@ -12,7 +12,11 @@
 //! | `<prefix>.p<n>.owner`    | who wrote the partition last after taking it over       |
 //!
 //! A deleted key is a tombstone (`Zoomq-Del`, no payload) that JetStream drops a minute later
-//! (`Nats-TTL`); one message per subject means a write replaces the key's older value.
+//! (`Nats-TTL`); one message per subject means a write replaces the key's older value. The
+//! part size follows the servers' `max_payload`, which may change between two owners, so
+//! the owner keeps how many part subjects each key in several parts has (read at the
+//! take-over, updated by each commit) and a write tombstones exactly the older parts beyond
+//! its value (see `nats_layout.rs`).
 //!
 //! # Atomic, durable, fenced
 //! A group commit is one JetStream atomic batch (nats-server 2.12+): all of its messages are
@@ -39,7 +43,7 @@ use bytes::Bytes;
 
 use super::kv::{Commit, Kv, Medium, Op, Opened, Pair, StoreError};
 pub use super::nats_layout::Names;
-use super::nats_layout::{encode, load, Message};
+use super::nats_layout::{encode, load, update_parts, Message, Parts};
 
 /// JetStream's limit of messages in one atomic batch.
 pub const MAX_BATCH: usize = 1000;
@@ -135,6 +139,9 @@ struct WriteState {
     /// Tokens of commits whose answer never came, since the last one that did.
     unanswered: Vec<String>,
     fenced: bool,
+    /// The part subjects of the keys stored in several parts, as this owner's commits left
+    /// them (at most: after a failed commit, the most it may have written).
+    parts: Parts,
 }
 
 /// One partition, taken over by this daemon.
@@ -150,6 +157,9 @@ pub struct Partition {
     /// 64 characters).
     token_base: String,
     part_bytes: usize,
+    /// How many of the next stored batches have their answer dropped, as if it never came.
+    #[cfg(test)]
+    answers_to_lose: std::sync::atomic::AtomicUsize,
 }
 
 impl Partition {
@@ -162,6 +172,29 @@ impl Partition {
         n: u32,
         owner: String,
     ) -> Result<Arc<Partition>, StoreError> {
+        Self::take_over_with(client, names, n, owner, None).await
+    }
+
+    /// [`Partition::take_over`] by an owner that writes values in parts of `part_bytes`,
+    /// whatever the servers' max_payload: an owner from before max_payload was changed.
+    #[cfg(test)]
+    pub async fn take_over_in_parts_of(
+        client: async_nats::Client,
+        names: Names,
+        n: u32,
+        owner: String,
+        part_bytes: usize,
+    ) -> Result<Arc<Partition>, StoreError> {
+        Self::take_over_with(client, names, n, owner, Some(part_bytes)).await
+    }
+
+    async fn take_over_with(
+        client: async_nats::Client,
+        names: Names,
+        n: u32,
+        owner: String,
+        part_bytes: Option<usize>,
+    ) -> Result<Arc<Partition>, StoreError> {
         let js = jetstream::new(client.clone());
         let mut stream = js
             .get_stream(&names.stream)
@@ -173,8 +206,20 @@ impl Partition {
             .map_err(|e| backend("reading the state of", &names, e))?
             .state
             .clone();
-        let map = if state.messages == 0 {
-            BTreeMap::new()
+        // Known once the connection is up (after an answer), and checked before the `owner`
+        // marker is written: an owner that cannot write would fence the former one off for
+        // nothing.
+        let max_payload = client.server_info().max_payload;
+        if max_payload < 4 * HEADROOM {
+            return Err(backend(
+                "taking over",
+                &names,
+                format!("the NATS servers' max_payload ({max_payload} bytes) is too small; 1MB is the default"),
+            ));
+        }
+        let part_bytes = part_bytes.unwrap_or(max_payload - HEADROOM);
+        let (map, parts) = if state.messages == 0 {
+            (BTreeMap::new(), Parts::new())
         } else {
             load(&stream, &names, state.last_sequence).await?
         };
@@ -193,15 +238,6 @@ impl Partition {
             .map_err(|e| backend("taking over", &names, e))?
             .await
             .map_err(|e| backend("taking over", &names, e))?;
-        let max_payload = client.server_info().max_payload;
-        if max_payload < 4 * HEADROOM {
-            return Err(backend(
-                "taking over",
-                &names,
-                format!("the NATS servers' max_payload ({max_payload} bytes) is too small; 1MB is the default"),
-            ));
-        }
-        let part_bytes = max_payload - HEADROOM;
         Ok(Arc::new(Partition {
             n,
             names,
@@ -216,10 +252,31 @@ impl Partition {
                 commits: 0,
                 unanswered: Vec::new(),
                 fenced: false,
+                parts,
             }),
             token_base: format!("{:016x}", rand::random::<u64>()),
             part_bytes,
+            #[cfg(test)]
+            answers_to_lose: Default::default(),
         }))
+    }
+
+    /// Drops the answers of the next `n` batches JetStream stores, as when a commit stops
+    /// waiting for an answer that is late (or lost with the connection): stored, yet failed
+    /// as far as the writer knows.
+    #[cfg(test)]
+    pub fn lose_answers(&self, n: usize) {
+        self.answers_to_lose
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether to drop the answer of a batch just stored (see [`Partition::lose_answers`]).
+    #[cfg(test)]
+    fn lose_answer(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.answers_to_lose
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok()
     }
 
     /// Whether another daemon has taken this partition over (found at a commit).
@@ -303,14 +360,26 @@ impl Partition {
                 BatchError::Failed(text)
             });
         }
-        ack.get("seq")
+        let sequence = ack
+            .get("seq")
             .and_then(|s| s.as_u64())
-            .ok_or_else(|| BatchError::Failed("an answer without a sequence".into()))
+            .ok_or_else(|| BatchError::Failed("an answer without a sequence".into()))?;
+        #[cfg(test)]
+        {
+            if self.lose_answer() {
+                return Err(BatchError::Failed("the answer was lost".into()));
+            }
+        }
+        Ok(sequence)
     }
 
     /// After a wrong-last-sequence answer: whether the stream's last write is one of this
     /// owner's commits whose answer was lost (then its sequence), or someone else's (fenced).
     async fn landed(&self, unanswered: &[String]) -> Result<Option<u64>, StoreError> {
+        // Every batch of this owner was answered: the stream was written by another.
+        if unanswered.is_empty() {
+            return Ok(None);
+        }
         let mut stream = self
             .js
             .get_stream(&self.names.stream)
@@ -322,10 +391,20 @@ impl Partition {
             .map_err(|e| backend("reading the state of", &self.names, e))?
             .state
             .last_sequence;
-        let commit = stream
-            .direct_get_last_for_subject(format!("{}.commit", self.names.root))
+        // From the stream's leader, like `last`: a direct get may be answered by a replica
+        // that has not applied the batch yet (JetStream answers once a quorum stored it), and
+        // the older commit it shows would make this owner take itself for fenced off.
+        let commit = match stream
+            .get_last_raw_message_by_subject(&format!("{}.commit", self.names.root))
             .await
-            .map_err(|e| backend("reading the last commit of", &self.names, e))?;
+        {
+            Ok(commit) => commit,
+            // No commit at all: the last write is someone's `owner` marker.
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(None)
+            }
+            Err(e) => return Err(backend("reading the last commit of", &self.names, e)),
+        };
         let token = String::from_utf8_lossy(&commit.payload);
         Ok((commit.sequence == last && unanswered.iter().any(|t| *t == token)).then_some(last))
     }
@@ -339,7 +418,7 @@ enum BatchError {
 
 /// The messages of a commit in batches of at most [`MAX_BATCH`] (with the commit message),
 /// each write's messages in one batch.
-fn chunks(writes: Vec<Vec<Message>>) -> Vec<Vec<Message>> {
+pub(super) fn chunks(writes: Vec<Vec<Message>>) -> Vec<Vec<Message>> {
     let mut chunks: Vec<Vec<Message>> = vec![Vec::new()];
     for write in writes {
         let current = chunks.last_mut().expect("one chunk at least");
@@ -394,13 +473,18 @@ impl Commit for NatsCommit {
         if partition.fenced() {
             return Err(StoreError::Fenced(partition.n));
         }
-        let chunks = chunks(encode(
-            &partition.names,
-            partition.part_bytes,
-            &partition.mirror.read(),
-            ops,
-        ));
-        partition.runtime.block_on(async {
+        let encoded = {
+            let state = partition.lock();
+            encode(
+                &partition.names,
+                partition.part_bytes,
+                &partition.mirror.read(),
+                &state.parts,
+                ops,
+            )
+        };
+        let chunks = chunks(encoded.writes);
+        let published = partition.runtime.block_on(async {
             for chunk in &chunks {
                 let (expected, token) = {
                     let mut state = partition.lock();
@@ -443,7 +527,16 @@ impl Commit for NatsCommit {
                 }
             }
             Ok(())
-        })?;
+        });
+        // Even a failed commit may have stored some of its batches, or all of them: the part
+        // counts then keep the most it may have written, so that no part escapes the
+        // tombstones of the key's next write.
+        update_parts(
+            &mut partition.lock().parts,
+            encoded.parts,
+            published.is_ok(),
+        );
+        published?;
         let mut map = partition
             .mirror
             .map
@@ -460,5 +553,75 @@ impl Commit for NatsCommit {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Writes of `sizes` messages, each message named `w<write>.<place in it>`.
+    fn writes(sizes: &[usize]) -> Vec<Vec<Message>> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(w, &n)| {
+                (0..n)
+                    .map(|i| (format!("w{w}.{i}"), HeaderMap::new(), Bytes::new()))
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn write_of(subject: &str) -> usize {
+        subject[1..].split_once('.').unwrap().0.parse().unwrap()
+    }
+
+    /// 990 one-message writes, then a value in 20 parts, which would straddle the end of the
+    /// first batch: it starts the second one, whole.
+    #[test]
+    fn a_write_that_does_not_fit_starts_the_next_batch() {
+        let mut sizes = vec![1; 990];
+        sizes.push(20);
+        sizes.extend(vec![1; 1500]);
+        let out = chunks(writes(&sizes));
+        let lens: Vec<usize> = out.iter().map(Vec::len).collect();
+        assert_eq!(lens, [990, 999, 521]);
+        assert_eq!(out[1][0].0, "w990.0");
+        assert_eq!(out[1][19].0, "w990.19");
+    }
+
+    proptest! {
+        /// However many writes of however many messages (a value in up to 999 parts with its
+        /// tombstones), the batches hold them all, in order; none holds more than
+        /// [`MAX_BATCH`] with its commit message; each write is whole in one batch; and a
+        /// batch ends only where the next write would not fit in it.
+        #[test]
+        fn batches_keep_each_write_whole_and_in_order(
+            sizes in proptest::collection::vec(
+                prop_oneof![8 => 1usize..4, 2 => 1usize..60, 1 => 1usize..MAX_BATCH],
+                0..120,
+            ),
+        ) {
+            let input = writes(&sizes);
+            let all: Vec<String> = input.iter().flatten().map(|m| m.0.clone()).collect();
+            let out = chunks(input);
+            let batched: Vec<String> = out.iter().flatten().map(|m| m.0.clone()).collect();
+            prop_assert_eq!(batched, all);
+            let mut batch_of = std::collections::HashMap::new();
+            for (b, batch) in out.iter().enumerate() {
+                prop_assert!(batch.len() < MAX_BATCH, "{} messages", batch.len());
+                prop_assert!(!batch.is_empty() || out.len() == 1);
+                for (subject, _, _) in batch {
+                    let first = *batch_of.entry(write_of(subject)).or_insert(b);
+                    prop_assert_eq!(first, b, "{} is split", subject);
+                }
+                if let Some(next) = out.get(b + 1) {
+                    let next_write = sizes[write_of(&next[0].0)];
+                    prop_assert!(batch.len() + next_write > MAX_BATCH - 1);
+                }
+            }
+        }
     }
 }
