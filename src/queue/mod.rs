@@ -37,6 +37,7 @@ mod ledger;
 mod lifecycle;
 pub mod nats_kv;
 mod nats_layout;
+mod nats_mirror;
 pub use lifecycle::{describe, Deleted};
 mod open;
 mod recovery;
