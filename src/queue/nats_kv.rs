@@ -13,7 +13,8 @@
 //!
 //! A deleted key is a tombstone (`Zoomq-Del`, no payload) that JetStream drops a minute later
 //! (`Nats-TTL`); one message per subject means a write replaces the key's older value. The
-//! part size follows the servers' `max_payload`, which may change between two owners, so
+//! part size follows the servers' `max_payload` at each commit, which may change between two
+//! commits (a reconnect to another server, a rolling change of the setting), so
 //! the owner keeps how many part subjects each key in several parts has (read at the
 //! take-over, updated by each commit) and a write tombstones exactly the older parts beyond
 //! its value (see `nats_layout.rs`).
@@ -107,13 +108,24 @@ pub struct Partition {
     /// This take-over of the partition, in every commit token (short: a batch id has at most
     /// 64 characters).
     token_base: String,
-    part_bytes: usize,
+    /// Parts of a fixed size (tests); `None`: the size follows the `max_payload` of the server
+    /// the client is connected to now, which a reconnect or a rolling change may lower.
+    part_bytes: Option<usize>,
     /// How many of the next stored batches have their answer dropped, as if it never came.
     #[cfg(test)]
     answers_to_lose: std::sync::atomic::AtomicUsize,
 }
 
 impl Partition {
+    /// The size of the parts a commit writes now: fixed, or the current `max_payload` less
+    /// the room for subject and headers.
+    fn part_bytes(&self) -> usize {
+        self.part_bytes.unwrap_or_else(|| {
+            let max_payload = self.client.server_info().max_payload;
+            max_payload.saturating_sub(HEADROOM).max(HEADROOM)
+        })
+    }
+
     /// Takes partition `n` over: reads it whole into memory, then writes the `owner` marker
     /// expecting the stream as read, which fences every earlier owner's later commits. Fails
     /// (and is retried by the caller) if anything was written meanwhile.
@@ -168,7 +180,6 @@ impl Partition {
                 format!("the NATS servers' max_payload ({max_payload} bytes) is too small; 1MB is the default"),
             ));
         }
-        let part_bytes = part_bytes.unwrap_or(max_payload - HEADROOM);
         let (map, parts) = if state.messages == 0 {
             (BTreeMap::new(), Parts::new())
         } else {
@@ -428,7 +439,7 @@ impl Commit for NatsCommit {
             let state = partition.lock();
             encode(
                 &partition.names,
-                partition.part_bytes,
+                partition.part_bytes(),
                 &partition.mirror.read(),
                 &state.parts,
                 ops,
