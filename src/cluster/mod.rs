@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, NatsConfig, StorageConfig};
 use crate::metrics::Metrics;
-use crate::queue::nats_kv::Partition;
+use crate::queue::nats_kv::{self, Partition};
 use crate::queue::{Job, LocalQueue, QueueStats};
 use assign::partition_of;
 use lease::Timing;
@@ -256,6 +256,8 @@ impl Cluster {
     ) -> anyhow::Result<(Arc<Cluster>, mpsc::UnboundedReceiver<Arc<str>>)> {
         let nats = &config.nats;
         let client = connect(nats, cancel).await?;
+        // The server's INFO is known once the connection answered a round trip.
+        let _ = client.flush().await;
         let max_payload = client.server_info().max_payload;
         let needed = config.socket.max_line_bytes + rpc::HEADROOM;
         if max_payload < needed {
@@ -266,6 +268,21 @@ impl Cluster {
                  that, sent to a daemon that does not own its account, is answered too_large; \
                  set max_payload to at least socket.max_line_bytes + 4 KiB in the servers' \
                  configuration (stored edits are split, whatever their size)"
+            );
+        }
+        let parts = config
+            .socket
+            .max_line_bytes
+            .div_ceil(max_payload.saturating_sub(nats_kv::HEADROOM).max(1));
+        if parts >= nats_kv::MAX_BATCH / 2 {
+            tracing::error!(
+                max_payload,
+                max_line_bytes = config.socket.max_line_bytes,
+                parts,
+                "an edit of socket.max_line_bytes is stored in this many NATS messages, written \
+                 at once, and JetStream writes at most 1,000 at once: such an edit could never \
+                 be stored; raise max_payload in the servers' configuration or lower \
+                 socket.max_line_bytes"
             );
         }
         let js = jetstream::new(client.clone());

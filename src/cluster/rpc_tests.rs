@@ -27,6 +27,9 @@ fn edit(message: &str, text: &str) -> Call {
 async fn calls_in_another_format_are_refused_with_the_reason() {
     let nats = NatsCluster::start(1).await.unwrap();
     let client = nats.client().await.unwrap();
+    // What the start-up checks of max_payload rely on: known after one round trip.
+    client.flush().await.unwrap();
+    assert!(client.server_info().max_payload >= 1024 * 1024);
     let dir = tempfile::tempdir().unwrap();
     let config = StorageConfig {
         path: dir.path().to_path_buf(),
@@ -44,15 +47,19 @@ async fn calls_in_another_format_are_refused_with_the_reason() {
     ));
     // Serving starts with a subscription: wait until a call is answered.
     let answer = loop {
-        match rpc::call(&client, subject.clone(), &edit("m1", "one"), Duration::from_secs(2)).await {
+        match rpc::call(
+            &client,
+            subject.clone(),
+            &edit("m1", "one"),
+            Duration::from_secs(2),
+        )
+        .await
+        {
             Err(CallError::NoOwner) => tokio::time::sleep(Duration::from_millis(50)).await,
             other => break other,
         }
     };
-    assert!(
-        matches!(answer, Ok(Answer::Enqueued(Ok(_)))),
-        "{answer:?}"
-    );
+    assert!(matches!(answer, Ok(Answer::Enqueued(Ok(_)))), "{answer:?}");
     assert_eq!(queue.stats().pending, 1);
 
     // A call as a daemon of another format (here: none) sends it: refused, not run.
@@ -67,7 +74,10 @@ async fn calls_in_another_format_are_refused_with_the_reason() {
         .and_then(|h| h.get("Zoomq-Rpc-Refused"))
         .map(|v| v.as_str().to_string())
         .expect("a refusal");
-    assert!(why.contains("forwarding format 1") && why.contains("format 0"), "{why}");
+    assert!(
+        why.contains("forwarding format 1") && why.contains("format 0"),
+        "{why}"
+    );
     assert!(refusal.payload.is_empty());
     assert_eq!(queue.stats().pending, 1, "the refused call changed nothing");
 

@@ -50,7 +50,7 @@ use super::nats_mirror::Mirror;
 /// JetStream's limit of messages in one atomic batch.
 pub const MAX_BATCH: usize = 1000;
 /// Room left in a NATS message for its subject and headers.
-const HEADROOM: usize = 8 * 1024;
+pub const HEADROOM: usize = 8 * 1024;
 /// How long a commit waits for JetStream's answer before it counts as failed (and is retried).
 pub(super) const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 
