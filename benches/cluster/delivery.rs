@@ -22,7 +22,8 @@ use zoomq::cluster::assign::{partition_of, PARTITIONS};
 use zoomq::plan::Plan;
 use zoomq::sandbox::{Sandbox, SandboxConfig};
 
-use crate::rig::{cpu_of, nats_pids, send_all, small_edit, Cluster, Daemon, Storage};
+use crate::load::send_all;
+use crate::rig::{self, cpu_of, nats_pids, small_edit, Cluster, Daemon, Storage};
 use crate::{proc, Args};
 
 pub const ACCOUNTS: usize = 10;
@@ -112,7 +113,7 @@ pub async fn run(
         (sockets, owner)
     } else {
         println!("  delivery sled: one daemon; {ACCOUNTS} Pro accounts ({limit}/s each)");
-        let mut daemon = Daemon::new(parent, &sandbox, &Storage::Sled)?;
+        let mut daemon = rig::daemon(parent, &sandbox, &Storage::Sled)?;
         daemon.start().await?;
         let socket = daemon.socket.clone();
         single = Some(daemon);

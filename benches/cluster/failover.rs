@@ -16,7 +16,8 @@ use serde::Serialize;
 use zoomq::cluster::assign::partition_of;
 use zoomq::sandbox::{Sandbox, SandboxConfig};
 
-use crate::rig::{send_all, small_edit, Cluster};
+use crate::load::send_all;
+use crate::rig::{small_edit, Cluster};
 use crate::Args;
 
 /// Arrivals this soon after the kill come from the killed daemon.
@@ -92,7 +93,7 @@ pub async fn run(args: &Args, parent: &Path) -> anyhow::Result<FailoverResult> {
         tokio::time::sleep(Duration::from_millis(500)).await;
 
         let killed = Instant::now();
-        cluster.daemons[0].kill()?;
+        cluster.daemons[0].kill().await?;
         let (first, in_flight, last_before) = loop {
             let seen = arrivals(&sandbox, &account);
             let last_before = seen.iter().filter(|at| **at <= killed).max().copied();

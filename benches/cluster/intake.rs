@@ -17,20 +17,20 @@
 //! only. CPU time of the daemon processes and of the nats-server processes is read from
 //! `/proc` at the interval's start and end, and the machine's busy share over it.
 
+use std::fmt;
 use std::io::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use zoomq::cluster::assign::partition_of;
 use zoomq::sandbox::Sandbox;
 
-use crate::load::{account_id, generate};
-use crate::rig::{cpu_of, nats_pids, Cluster, Daemon, Storage};
-use crate::Args;
-
-/// Size of every edit's `content` object, serialized.
-pub const CONTENT_BYTES: usize = 1024;
+use crate::fsync::fsync_probe;
+use crate::latency::{percentile, Latency};
+use crate::load::{self, Clock, Tally};
+use crate::rig::{self, cpu_of, nats_pids, Cluster, Daemon, Storage};
+use crate::{proc, Args};
 
 /// One intake run's figures.
 #[derive(Debug, Clone, Serialize)]
@@ -42,10 +42,9 @@ pub struct IntakeRun {
     pub seconds: f64,
     pub acked_measured: u64,
     pub rate: f64,
-    pub p50_us: u32,
-    pub p90_us: u32,
-    pub p99_us: u32,
-    pub max_us: u32,
+    /// `p50_us`, `p90_us`, `p99_us`, `max_us`.
+    #[serde(flatten)]
+    pub latency: Latency,
     /// Answers other than `ok`, and the first.
     pub errors: u64,
     pub first_error: Option<String>,
@@ -97,7 +96,7 @@ pub async fn run(
     mode: Mode,
     window: usize,
 ) -> anyhow::Result<IntakeRun> {
-    let fsync_p50_us = fsync_probe(parent)?;
+    let fsync_p50_us = fsync_p50(parent)?;
     print!(
         "  intake {} {} x {window}: fdatasync p50 {fsync_p50_us} us; starting ...",
         mode.name(),
@@ -113,7 +112,7 @@ pub async fn run(
         fsync_p50_us,
     };
     if mode == Mode::Sled {
-        let mut daemon = Daemon::new(parent, sandbox, &Storage::Sled)?;
+        let mut daemon = rig::daemon(parent, sandbox, &Storage::Sled)?;
         daemon.start().await?;
         return measure(mode, &[&daemon], 1, vec![all], load).await;
     }
@@ -143,7 +142,7 @@ pub async fn single(
     let all: Vec<usize> = (0..args.accounts.max(1)).collect();
     let mut runs = Vec::new();
     for mode in [Mode::Sled, Mode::Direct, Mode::Cluster] {
-        let fsync_p50_us = fsync_probe(parent)?;
+        let fsync_p50_us = fsync_p50(parent)?;
         print!(
             "  intake {} 1 x 1: fdatasync p50 {fsync_p50_us} us; starting ...",
             mode.name()
@@ -157,7 +156,7 @@ pub async fn single(
             fsync_p50_us,
         };
         if mode == Mode::Sled {
-            let mut daemon = Daemon::new(parent, sandbox, &Storage::Sled)?;
+            let mut daemon = rig::daemon(parent, sandbox, &Storage::Sled)?;
             daemon.start().await?;
             runs.push(measure(mode, &[&daemon], 1, vec![all.clone()], load).await?);
         } else {
@@ -175,7 +174,7 @@ pub async fn single(
 fn owned_by(all: &[usize], owner: &[usize], d: usize, mine: bool) -> Vec<usize> {
     all.iter()
         .copied()
-        .filter(|a| (owner[partition_of(&account_id(*a)) as usize] == d) == mine)
+        .filter(|a| (owner[partition_of(&AccountId(*a).to_string()) as usize] == d) == mine)
         .collect()
 }
 
@@ -220,7 +219,7 @@ async fn measure(
     let Load {
         connections,
         window,
-        warmup,
+        warmup: _,
         seconds,
         fsync_p50_us,
     } = load;
@@ -228,16 +227,7 @@ async fn measure(
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(generate(
-                sockets,
-                lists,
-                connections,
-                window,
-                warmup,
-                seconds,
-                pids,
-                nats,
-            ))
+            .block_on(generate(sockets, lists, load, pids, nats))
     });
     let (total, (d0, n0, m0), (d1, n1, m1)) = tokio::task::spawn_blocking(move || thread.join())
         .await?
@@ -255,10 +245,7 @@ async fn measure(
         seconds,
         acked_measured: total.acked_measured,
         rate: total.acked_measured as f64 / seconds,
-        p50_us: percentile(&latencies, 50.0),
-        p90_us: percentile(&latencies, 90.0),
-        p99_us: percentile(&latencies, 99.0),
-        max_us: latencies.last().copied().unwrap_or(0),
+        latency: Latency::of(&latencies),
         errors: total.errors,
         first_error: total.first_error,
         coalesced: total.coalesced,
@@ -272,40 +259,58 @@ async fn measure(
     println!(
         " {:.0} acked edits/s, p50 {:.2} ms, p99 {:.2} ms",
         run.rate,
-        f64::from(run.p50_us) / 1000.0,
-        f64::from(run.p99_us) / 1000.0
+        f64::from(run.latency.p50_us) / 1000.0,
+        f64::from(run.latency.p99_us) / 1000.0
     );
     Ok(run)
 }
 
 /// p50 of 200 appends of 4 KiB, each followed by `fdatasync`, in a fresh file under `parent`:
 /// the floor under a durable acknowledgement on that filesystem at that moment.
-fn fsync_probe(parent: &Path) -> anyhow::Result<u32> {
-    let dir = tempfile::Builder::new()
-        .prefix("zoomq-cluster-probe-")
-        .tempdir_in(parent)?;
-    let mut file = std::fs::File::create(dir.path().join("probe"))?;
-    let block = vec![b'x'; 4096];
-    let mut samples = Vec::with_capacity(200);
-    for _ in 0..200 {
-        let started = Instant::now();
-        file.write_all(&block)?;
-        file.sync_data()?;
-        samples.push(micros(started.elapsed()));
-    }
-    samples.sort_unstable();
-    Ok(percentile(&samples, 50.0))
+fn fsync_p50(parent: &Path) -> anyhow::Result<u32> {
+    let probe = fsync_probe(parent, "zoomq-cluster-probe-", false)?;
+    Ok(percentile(&probe.append, 50.0))
 }
 
-pub fn micros(elapsed: Duration) -> u32 {
-    u32::try_from(elapsed.as_micros()).unwrap_or(u32::MAX)
+/// CPU time of the daemon processes, of the nats-server processes and of the machine
+/// (busy, total) at one instant.
+type Sample = (Duration, Duration, (Duration, Duration));
+
+/// The load, on the calling thread's runtime: `shape.connections` connections round-robin over
+/// `sockets`, connection `c` editing the accounts of `lists[c % sockets.len()]` in turn; CPU
+/// time of the `daemons` and `nats` processes and of the machine sampled at the measured
+/// interval's start and end.
+async fn generate(
+    sockets: Vec<PathBuf>,
+    lists: Vec<Vec<usize>>,
+    shape: Load,
+    daemons: Vec<String>,
+    nats: Vec<String>,
+) -> anyhow::Result<(Tally, Sample, Sample)> {
+    for conn in 0..shape.connections {
+        let d = conn % sockets.len();
+        anyhow::ensure!(!lists[d].is_empty(), "daemon {d} owns no account");
+    }
+    let streams = load::connect(&sockets, shape.connections).await?;
+    let clock = Clock::after_warmup(shape.warmup, shape.seconds);
+    let sampler = clock.at_bounds(move |_| (cpu_of(&daemons), cpu_of(&nats), proc::machine_cpu()));
+    let total = load::drive_all(streams, shape.window, clock, |conn| {
+        let accounts = lists[conn % sockets.len()].clone();
+        move |out: &mut Vec<u8>, seq: u64| {
+            let account = accounts[(seq as usize * 64 + conn) % accounts.len()];
+            load::push_edit(out, conn, seq, AccountId(account));
+        }
+    })
+    .await?;
+    let (start, end) = sampler.await?;
+    Ok((total, start, end))
 }
 
-/// Nearest-rank percentile of sorted samples; 0 when there are none.
-pub fn percentile(sorted: &[u32], p: f64) -> u32 {
-    if sorted.is_empty() {
-        return 0;
+/// The name of account number `n`: `acct-` and five digits.
+pub struct AccountId(pub usize);
+
+impl fmt::Display for AccountId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "acct-{:05}", self.0)
     }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }

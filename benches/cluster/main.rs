@@ -33,11 +33,20 @@
 //! with every figure. A missed target is reported, not fatal.
 //!
 //! Files: `rig.rs` (daemon processes, the NATS cluster and its daemons, partition owners, CPU
-//! of processes), `intake.rs` (its runs) and `load.rs` (its producers), `delivery.rs`,
-//! `failover.rs`.
+//! of processes), `intake.rs` (its runs; its producers are `../common/load.rs`),
+//! `delivery.rs`, `failover.rs`; `../common/` holds what the benches share.
 
+#[allow(dead_code)]
+#[path = "../common/fsync.rs"]
+mod fsync;
 #[path = "../common/host.rs"]
 mod host;
+#[path = "../common/latency.rs"]
+mod latency;
+#[path = "../common/load.rs"]
+mod load;
+#[path = "../common/logs.rs"]
+mod logs;
 #[allow(dead_code)]
 #[path = "../common/proc.rs"]
 mod proc;
@@ -48,18 +57,15 @@ mod spawn;
 mod delivery;
 mod failover;
 mod intake;
-mod load;
 mod rig;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Parser;
 use serde_json::json;
-use zoomq::sandbox::{Sandbox, SandboxConfig};
 
 use delivery::Gate;
-use intake::{IntakeRun, Mode};
+use intake::{AccountId, IntakeRun, Mode};
 
 /// Delivered share of each account's limit, in percent.
 const SHARE_TARGET_PCT: f64 = 95.0;
@@ -120,13 +126,7 @@ pub struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .init();
+    logs::init("error");
     // The sandbox (and the preloads) on a runtime of their own; the intake's producers run on
     // a thread and a current-thread runtime of their own, to take as little CPU from the
     // daemons and the NATS servers as they can.
@@ -149,13 +149,12 @@ async fn bench(args: Args) -> anyhow::Result<()> {
 
     let mut intake_runs: Vec<IntakeRun> = Vec::new();
     if runs("intake") || runs("single") {
-        let line = load::check_request_shape()?;
+        let line = load::check_request_shape(AccountId(1000))?;
         println!(
             "  intake: {} connections x window {}, {}-byte content ({line}-byte request lines), {} accounts; delivery held",
-            args.connections, args.window, intake::CONTENT_BYTES, args.accounts
+            args.connections, args.window, load::CONTENT_BYTES, args.accounts
         );
-        let sandbox = Sandbox::start(SandboxConfig::default()).await?;
-        sandbox.set_token_delay(Duration::from_secs(3600));
+        let sandbox = load::held_sandbox().await?;
         let mut windows = vec![args.window];
         if !args.no_window1 && args.window != 1 {
             windows.push(1);
@@ -319,10 +318,10 @@ fn print_intake(runs: &[IntakeRun]) {
             r.daemons,
             format!("{} x {}", r.connections, r.window),
             r.rate,
-            ms(r.p50_us),
-            ms(r.p90_us),
-            ms(r.p99_us),
-            ms(r.max_us),
+            ms(r.latency.p50_us),
+            ms(r.latency.p90_us),
+            ms(r.latency.p99_us),
+            ms(r.latency.max_us),
             r.errors,
             r.daemon_us_per_ack,
             r.nats_us_per_ack,
@@ -350,8 +349,8 @@ fn print_intake(runs: &[IntakeRun]) {
                 "{conns} x {window}: {} / sled anchor = {:.3}x the rate, {:.1}x the p50, {:.1}x the p99",
                 c.mode,
                 c.rate / s.rate.max(1e-9),
-                f64::from(c.p50_us) / f64::from(s.p50_us.max(1)),
-                f64::from(c.p99_us) / f64::from(s.p99_us.max(1))
+                f64::from(c.latency.p50_us) / f64::from(s.latency.p50_us.max(1)),
+                f64::from(c.latency.p99_us) / f64::from(s.latency.p99_us.max(1))
             );
         }
     }

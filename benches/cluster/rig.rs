@@ -1,24 +1,23 @@
 //! The pieces every scenario of the cluster benchmark stands on: the daemon as its own
-//! process (`zoomq serve --config`, the release binary cargo builds for the bench) on a
-//! generated configuration, in the embedded sled mode or as a member of a cluster; a 3-node
-//! NATS JetStream cluster ([`NatsCluster`], `sync_interval: always`) with three such daemons;
-//! which daemon owns which partition, from each daemon's `stats` answer; the CPU time of the
-//! daemons and of the nats-server processes, from `/proc`.
+//! process (`zoomq serve --config`, the release binary cargo builds for the bench, run by
+//! `common/spawn.rs`) on a generated configuration, in the embedded sled mode or as a member
+//! of a cluster; a 3-node NATS JetStream cluster ([`NatsCluster`], `sync_interval: always`)
+//! with three such daemons; which daemon owns which partition, from each daemon's `stats`
+//! answer; the CPU time of the daemons and of the nats-server processes, from `/proc`.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde_json::{json, Value};
+use serde_json::json;
 use zoomq::cluster::assign::{desired_owner, PARTITIONS};
 use zoomq::sandbox::Sandbox;
 use zoomq::testkit::nats::NatsCluster;
 
-use crate::{proc, spawn};
+use crate::proc;
+use crate::spawn::quote;
 
-const START_TIMEOUT: Duration = Duration::from_secs(60);
+pub use crate::spawn::Daemon;
 
 /// Where a daemon keeps its queue.
 #[derive(Debug, Clone)]
@@ -33,98 +32,23 @@ pub enum Storage {
     },
 }
 
-/// One daemon process with its own directory (configuration, socket, log, data).
-pub struct Daemon {
-    pub socket: PathBuf,
-    config_path: PathBuf,
-    pub log_path: PathBuf,
-    child: Option<Child>,
-    _dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    /// Writes the configuration of a daemon delivering to `sandbox` (its default credentials,
-    /// plan Pro), metrics off, everything else at the daemon's defaults.
-    pub fn new(parent: &Path, sandbox: &Sandbox, storage: &Storage) -> anyhow::Result<Daemon> {
-        let dir = tempfile::Builder::new()
-            .prefix("zoomq-cluster-bench-")
-            .tempdir_in(parent)
-            .with_context(|| format!("cannot create a directory in {}", parent.display()))?;
-        let socket = dir.path().join("zoomq.sock");
-        let q = |s: &str| format!("{s:?}");
-        let mut toml = String::new();
-        writeln!(
-            toml,
-            "[socket]\npath = {}",
-            q(&socket.display().to_string())
-        )?;
-        let data = dir.path().join("data");
-        writeln!(toml, "[storage]\npath = {}", q(&data.display().to_string()))?;
-        if let Storage::Nats { servers, prefix } = storage {
-            writeln!(toml, "backend = \"nats\"")?;
-            let servers: Vec<String> = servers.iter().map(|s| q(s)).collect();
-            writeln!(toml, "[nats]\nservers = [{}]", servers.join(", "))?;
-            writeln!(toml, "prefix = {}", q(prefix))?;
-        }
-        writeln!(toml, "[zoom]\napi_base = {}", q(&sandbox.api_base()))?;
-        writeln!(toml, "token_url = {}", q(&sandbox.token_url()))?;
-        writeln!(toml, "client_id = \"sandbox-client\"")?;
-        writeln!(toml, "client_secret = \"sandbox-secret\"")?;
-        writeln!(toml, "plan = \"pro\"")?;
-        writeln!(toml, "[metrics]\nlisten = \"\"")?;
-        let config_path = dir.path().join("zoomq.toml");
-        std::fs::write(&config_path, toml)?;
-        Ok(Daemon {
-            socket,
-            config_path,
-            log_path: dir.path().join("daemon.log"),
-            child: None,
-            _dir: dir,
-        })
+/// A daemon with a directory of its own under `parent` (configuration, socket, log, data),
+/// configured to deliver to `sandbox` (its default credentials, plan Pro) with `storage`,
+/// metrics off, everything else at the daemon's defaults; not started yet.
+pub fn daemon(parent: &Path, sandbox: &Sandbox, storage: &Storage) -> anyhow::Result<Daemon> {
+    let daemon = Daemon::in_temp_dir(parent, "zoomq-cluster-bench-")?;
+    let mut toml = daemon.config();
+    if let Storage::Nats { servers, prefix } = storage {
+        let servers: Vec<String> = servers.iter().map(|s| quote(s)).collect();
+        toml.line("backend = \"nats\"")
+            .line(format_args!("[nats]\nservers = [{}]", servers.join(", ")))
+            .line(format_args!("prefix = {}", quote(prefix)));
     }
-
-    /// Spawns the process; [`Daemon::ready`] waits for its answer.
-    pub fn spawn(&mut self) -> anyhow::Result<Instant> {
-        anyhow::ensure!(self.child.is_none(), "already running");
-        self.child = Some(spawn::serve(&self.config_path, &self.log_path, None)?);
-        Ok(Instant::now())
-    }
-
-    /// Waits until the process spawned at `spawned` answers a ping.
-    pub async fn ready(&mut self, spawned: Instant) -> anyhow::Result<()> {
-        let child = self.child.as_mut().context("not running")?;
-        spawn::wait_ready(&self.socket, child, spawned, START_TIMEOUT, &self.log_path).await
-    }
-
-    pub async fn start(&mut self) -> anyhow::Result<()> {
-        let spawned = self.spawn()?;
-        self.ready(spawned).await
-    }
-
-    /// SIGKILL, and waits until the process is gone.
-    pub fn kill(&mut self) -> anyhow::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill()?;
-            child.wait()?;
-        }
-        Ok(())
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    pub async fn stats(&self) -> anyhow::Result<Value> {
-        let stats = zoomq::client::request(&self.socket, &json!({"op": "stats"})).await?;
-        anyhow::ensure!(stats["ok"] == true, "stats answered {stats}");
-        Ok(stats)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.kill();
-    }
+    toml.zoom(sandbox, "sandbox-client", "sandbox-secret")
+        .line("plan = \"pro\"")
+        .line("[metrics]\nlisten = \"\"");
+    daemon.write_config(&toml)?;
+    Ok(daemon)
 }
 
 /// A 3-node NATS cluster and three daemons on it, each reachable on its own socket.
@@ -151,9 +75,9 @@ impl Cluster {
         let mut daemons = Vec::new();
         let mut spawned = Vec::new();
         for _ in 0..n {
-            let mut daemon = Daemon::new(parent, sandbox, &storage)?;
-            spawned.push(daemon.spawn()?);
-            daemons.push(daemon);
+            let mut member = daemon(parent, sandbox, &storage)?;
+            spawned.push(member.spawn()?);
+            daemons.push(member);
         }
         for (daemon, at) in daemons.iter_mut().zip(spawned) {
             daemon.ready(at).await?;
@@ -260,38 +184,4 @@ pub fn small_edit(account: &str, message_id: &str, seq: u64) -> Vec<u8> {
     .expect("JSON");
     line.push(b'\n');
     line
-}
-
-/// Sends `lines` pipelined on one connection to `socket`, then reads every answer; fails on
-/// any answer but `ok`. Returns how many were acknowledged.
-pub async fn send_all(socket: &Path, lines: Vec<Vec<u8>>) -> anyhow::Result<usize> {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let stream = tokio::net::UnixStream::connect(socket).await?;
-    let (reader, mut writer) = stream.into_split();
-    let n = lines.len();
-    let writing = async move {
-        let mut batch = Vec::new();
-        for line in lines {
-            batch.extend(line);
-            if batch.len() >= 64 * 1024 {
-                writer.write_all(&batch).await?;
-                batch.clear();
-            }
-        }
-        writer.write_all(&batch).await?;
-        anyhow::Ok(writer)
-    };
-    let reading = async move {
-        let mut answers = BufReader::new(reader).lines();
-        for _ in 0..n {
-            let line = answers
-                .next_line()
-                .await?
-                .context("the daemon closed the connection")?;
-            anyhow::ensure!(line.starts_with(r#"{"ok":true"#), "edit refused: {line}");
-        }
-        anyhow::Ok(())
-    };
-    let (_writer, ()) = tokio::try_join!(writing, reading)?;
-    Ok(n)
 }

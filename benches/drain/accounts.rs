@@ -17,11 +17,12 @@ use serde_json::{json, Value};
 use zoomq::plan::Plan;
 use zoomq::sandbox::{Sandbox, SandboxConfig};
 
-use crate::measure::{self, percentile, percentile_f64, secs, Log};
+use crate::load::send_all;
+use crate::measure::{self, percentile, secs, Log};
 use crate::proc;
-use crate::process::{DaemonProcess, Usage};
+use crate::process::{self, Usage};
 use crate::report::{loadavg, print_targets, Target};
-use crate::rig::{content_seq, edit_line, send_all, seq_content};
+use crate::rig::{content_seq, edit_line, seq_content};
 use crate::Args;
 
 const PRODUCERS: usize = 8;
@@ -79,7 +80,7 @@ pub async fn accounts(
         ..SandboxConfig::default()
     };
     let sandbox = Sandbox::start(credentials.clone()).await?;
-    let mut daemon = DaemonProcess::new(&sandbox, &credentials, Plan::Free)?;
+    let mut daemon = process::daemon(&sandbox, &credentials, Plan::Free)?;
     daemon.start().await?;
     let fill_started = Instant::now();
     let mut producers = Vec::new();
@@ -114,13 +115,13 @@ pub async fn accounts(
     let restarted = Instant::now();
     daemon.start().await?;
     let ready = Instant::now();
-    let usage_ready = daemon.usage()?;
+    let usage_ready = process::usage(&daemon)?;
     let (bench_cpu_ready, machine_ready) = (proc::cpu_time("self"), proc::machine_cpu());
     let timeout = secs(ideal * 4.0 + 60.0);
     let mut peak_rss = usage_ready.rss_bytes;
     let drained = loop {
         let stats = daemon.stats().await?;
-        let usage = daemon.usage()?;
+        let usage = process::usage(&daemon)?;
         peak_rss = peak_rss.max(usage.rss_bytes);
         if stats["pending"] == 0 && stats["in_flight"] == 0 {
             break Some((Instant::now(), usage));
@@ -133,7 +134,7 @@ pub async fn accounts(
     };
     let (done, usage_done) = match drained {
         Some(found) => found,
-        None => (Instant::now(), daemon.usage()?),
+        None => (Instant::now(), process::usage(&daemon)?),
     };
     let (bench_cpu_done, machine_done) = (proc::cpu_time("self"), proc::machine_cpu());
     let final_stats = daemon.stats().await?;
@@ -267,8 +268,8 @@ pub async fn accounts(
             "per-account steady rate (req/s, {} accounts): min {:.3}, p5 {:.3}, median {:.3}, max {:.3}; {below} below {:.2}",
             rates.len(),
             rates[0],
-            percentile_f64(&rates, 5.0),
-            percentile_f64(&rates, 50.0),
+            percentile(&rates, 5.0),
+            percentile(&rates, 50.0),
             rates[rates.len() - 1],
             ACCOUNT_SHARE * limit
         );
@@ -344,8 +345,8 @@ pub async fn accounts(
             format!(
                 "min {:.2}%, p5 {:.2}%, median {:.2}%; {below} of {} below",
                 rates[0] / limit * 100.0,
-                percentile_f64(&rates, 5.0) / limit * 100.0,
-                percentile_f64(&rates, 50.0) / limit * 100.0,
+                percentile(&rates, 5.0) / limit * 100.0,
+                percentile(&rates, 50.0) / limit * 100.0,
                 rates.len()
             ),
             below == 0 && never_delivered == 0,
@@ -387,7 +388,7 @@ pub async fn accounts(
         "rate_limited": rate_limited, "requests": requests, "wrong_contents": wrong,
         "concurrent_messages": concurrent, "never_delivered": never_delivered,
         "account_rate": (!rates.is_empty()).then(|| json!({
-            "min": rates[0], "p5": percentile_f64(&rates, 5.0), "median": percentile_f64(&rates, 50.0),
+            "min": rates[0], "p5": percentile(&rates, 5.0), "median": percentile(&rates, 50.0),
             "max": rates[rates.len() - 1], "below_target": below, "measured_accounts": rates.len(),
         })),
         "total_rate": total_rate.map(|(name, from, until, rate)| json!({

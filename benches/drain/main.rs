@@ -51,12 +51,24 @@
 //! Files: `rig.rs` (in-process sandbox + daemon, producers), `process.rs` (the daemon as its own
 //! process), `measure.rs` (windows, rates, gaps, percentiles), `report.rs` (targets, machine),
 //! and one file per scenario family: `rows.rs` (`drain`), `adapt.rs` (`lone429`, `shared`),
-//! `isolation.rs`, `accounts.rs`, `hot.rs`, `lifecycle.rs`, `idle.rs`.
+//! `isolation.rs`, `accounts.rs`, `hot.rs`, `lifecycle.rs`, `idle.rs`; `../common/` holds what
+//! the benches share (the daemon in this process or its own, preloads, percentiles).
 
+#[path = "../common/embed.rs"]
+mod embed;
 #[path = "../common/host.rs"]
 mod host;
+#[allow(dead_code)]
+#[path = "../common/latency.rs"]
+mod latency;
+#[allow(dead_code)]
+#[path = "../common/load.rs"]
+mod load;
+#[path = "../common/logs.rs"]
+mod logs;
 #[path = "../common/proc.rs"]
 mod proc;
+#[allow(dead_code)]
 #[path = "../common/spawn.rs"]
 mod spawn;
 
@@ -128,13 +140,7 @@ pub enum Scenario {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    logs::init("warn");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -1,14 +1,16 @@
 //! Measurements over the sandbox's request log: per-account arrivals with their answers, the
 //! most requests in any one-second window (fixed windows at any phase, wall-clock seconds,
 //! sliding), delivered rates over an interval, gaps between requests, per-second series and
-//! percentiles. Pure arithmetic on offsets from the sandbox's start; no I/O beyond one copy of
-//! the log.
+//! percentiles (nearest-rank, `common/latency.rs`). Pure arithmetic on offsets from the
+//! sandbox's start; no I/O beyond one copy of the log.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use zoomq::sandbox::Sandbox;
+
+pub use crate::latency::percentile;
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -311,22 +313,4 @@ pub fn secs(seconds: f64) -> Duration {
 
 pub fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
-}
-
-/// Nearest-rank percentile of sorted samples; zero when there are none.
-pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-/// Nearest-rank percentile of sorted values; zero when there are none.
-pub fn percentile_f64(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }

@@ -1,6 +1,7 @@
-//! The in-process rig: a sandbox Zoom and the real daemon ([`zoomq::run`]) on a fresh temporary
-//! directory, both on this process's runtime, and the producer side every scenario shares
-//! (request lines, pipelined preloads, a producer's own connection, sequence-numbered contents).
+//! The in-process rig: a sandbox Zoom and the real daemon ([`zoomq::run`], `common/embed.rs`)
+//! on a fresh temporary directory, both on this process's runtime, and the producer side every
+//! scenario shares (request lines, pipelined preloads with `common/load.rs`, a producer's own
+//! connection, sequence-numbered contents).
 //!
 //! The daemon runs on its default settings: [`Sandbox::daemon_config`] plus whatever a
 //! scenario's `tweak` adds (per-account overrides). `accounts` runs the daemon as its own
@@ -15,9 +16,11 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use zoomq::config::Config;
 use zoomq::sandbox::{Sandbox, SandboxConfig};
+
+use crate::embed::Embedded;
+use crate::load::send_all;
 
 /// The account single-account scenarios' edits name.
 pub const ACCOUNT: &str = "bench-account";
@@ -28,9 +31,8 @@ pub const ROBOT: &str = "bench-bot@xmpp.zoom.us";
 pub struct Rig {
     pub sandbox: Sandbox,
     pub socket: PathBuf,
-    /// Stops the daemon; `stop` fires it and waits for the daemon's graceful shutdown.
-    cancel: CancellationToken,
-    daemon: JoinHandle<anyhow::Result<()>>,
+    /// The daemon; `stop` cancels it and waits for its graceful shutdown.
+    daemon: Embedded,
     /// Holds the socket and the sled database; removed on drop, after the daemon stopped.
     _dir: tempfile::TempDir,
 }
@@ -48,26 +50,17 @@ impl Rig {
         // Metrics stay off (daemon_config): several daemons may run at once.
         let mut config = sandbox.daemon_config(dir.path());
         tweak(&mut config);
-        config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let socket = config.socket.path.clone();
-        let listener = zoomq::bind_socket(&config.socket)?;
-        let cancel = CancellationToken::new();
-        let daemon = tokio::spawn(zoomq::run(config, listener, cancel.clone()));
-        // The daemon accepts only once its queue is open; a ping waits for that.
-        zoomq::client::request(&socket, &json!({"op": "ping"}))
-            .await
-            .context("the daemon did not answer a ping")?;
+        let daemon = Embedded::start(config).await?;
         Ok(Rig {
             sandbox,
-            socket,
-            cancel,
+            socket: daemon.socket.clone(),
             daemon,
             _dir: dir,
         })
     }
 
     pub async fn stats(&self) -> anyhow::Result<Value> {
-        zoomq::client::request(&self.socket, &json!({"op": "stats"})).await
+        self.daemon.stats().await
     }
 
     pub fn account(&self, account_id: &str) -> anyhow::Result<zoomq::sandbox::AccountStats> {
@@ -112,8 +105,7 @@ impl Rig {
     }
 
     pub async fn stop(self) -> anyhow::Result<()> {
-        self.cancel.cancel();
-        self.daemon.await??;
+        self.daemon.stop().await?;
         self.sandbox.shutdown().await;
         Ok(())
     }
@@ -159,36 +151,6 @@ pub async fn preload(
         edit_line(account, &id, &seq_content(&id, i as u64))
     });
     send_all(socket, lines).await
-}
-
-/// Writes every line over one connection (in batches) and checks that every answer is ok.
-pub async fn send_all(socket: &Path, lines: impl Iterator<Item = Vec<u8>>) -> anyhow::Result<()> {
-    let stream = UnixStream::connect(socket).await?;
-    let (reader, mut writer) = stream.into_split();
-    let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let reading = tokio::spawn(async move {
-        let mut answers = BufReader::new(reader).lines();
-        while sent_rx.recv().await.is_some() {
-            let line = answers
-                .next_line()
-                .await?
-                .context("the daemon closed the connection")?;
-            anyhow::ensure!(line.starts_with(r#"{"ok":true"#), "edit refused: {line}");
-        }
-        anyhow::Ok(())
-    });
-    let mut batch = Vec::new();
-    for line in lines {
-        batch.extend(line);
-        let _ = sent_tx.send(());
-        if batch.len() >= 64 * 1024 {
-            writer.write_all(&batch).await?;
-            batch.clear();
-        }
-    }
-    writer.write_all(&batch).await?;
-    drop(sent_tx);
-    reading.await?
 }
 
 /// One `edit` request line.

@@ -7,15 +7,13 @@
 //! kernel's own peak of the process's resident memory) is read too. Each process's record is a
 //! [`Life`], kept in [`Daemon::lives`] for the report.
 
-use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +22,8 @@ use zoomq::sandbox::Sandbox;
 use crate::disk::{self, Usage};
 use crate::fill::account_id;
 use crate::report::ser_secs;
-use crate::{proc, spawn, Args};
+use crate::spawn::{self, quote};
+use crate::{proc, Args};
 
 /// The daemon's default `storage.max_pending`; raised in the configuration only above it.
 const DEFAULT_MAX_PENDING: u64 = 1_000_000;
@@ -35,22 +34,20 @@ pub const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 
 /// The daemon process with its directory, configuration and log.
 pub struct Daemon {
-    pub socket: PathBuf,
-    pub data: PathBuf,
-    config_path: PathBuf,
-    log_path: PathBuf,
+    /// The process, its socket (`process.socket`) and data directory (`process.data`).
+    pub process: spawn::Daemon,
     /// `metrics.listen`, for sled's own size figure.
     metrics_addr: std::net::SocketAddr,
     /// Set while the process runs.
-    running: Option<Running>,
+    sampling: Option<Sampling>,
     /// Every process started so far, in order; the last one may still run.
     pub lives: Vec<Life>,
 }
 
-struct Running {
-    child: Child,
+/// The running process's RSS sampler.
+struct Sampling {
     /// Stops the RSS sampler.
-    stop_sampling: CancellationToken,
+    stop: CancellationToken,
     /// `[seconds since spawn, VmRSS KiB]`, every [`SAMPLE_EVERY`].
     samples: Arc<Mutex<Vec<(f64, u64)>>>,
 }
@@ -112,13 +109,13 @@ impl Daemon {
     pub fn new(dir: &Path) -> anyhow::Result<Daemon> {
         // A free port for /metrics, kept for the daemon's whole life.
         let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let mut process = spawn::Daemon::in_dir(dir);
+        process.rust_log = Some("info");
+        process.timeout = START_TIMEOUT;
         Ok(Daemon {
-            socket: dir.join("zoomq.sock"),
-            data: dir.join("data"),
-            config_path: dir.join("zoomq.toml"),
-            log_path: dir.join("daemon.log"),
+            process,
             metrics_addr,
-            running: None,
+            sampling: None,
             lives: Vec::new(),
         })
     }
@@ -132,74 +129,42 @@ impl Daemon {
         sandbox: &Sandbox,
         account_rate: Option<f64>,
     ) -> anyhow::Result<()> {
-        let q = |s: &str| format!("{s:?}");
-        let mut toml = String::new();
-        writeln!(
-            toml,
-            "[socket]\npath = {}",
-            q(&self.socket.display().to_string())
-        )?;
-        writeln!(
-            toml,
-            "[storage]\npath = {}",
-            q(&self.data.display().to_string())
-        )?;
+        let mut toml = self.process.config();
         if args.edits > DEFAULT_MAX_PENDING {
-            writeln!(toml, "max_pending = {}", args.edits)?;
+            toml.line(format_args!("max_pending = {}", args.edits));
         }
-        writeln!(toml, "[zoom]\napi_base = {}", q(&sandbox.api_base()))?;
-        writeln!(toml, "token_url = {}", q(&sandbox.token_url()))?;
-        writeln!(toml, "client_id = \"sandbox-client\"")?;
-        writeln!(toml, "client_secret = \"sandbox-secret\"")?;
-        writeln!(
-            toml,
-            "[metrics]\nlisten = {}",
-            q(&self.metrics_addr.to_string())
-        )?;
+        toml.zoom(sandbox, "sandbox-client", "sandbox-secret")
+            .line(format_args!(
+                "[metrics]\nlisten = {}",
+                quote(&self.metrics_addr.to_string())
+            ));
         if let Some(rate) = account_rate {
-            writeln!(toml, "[delivery]\nconcurrency = 64")?;
+            toml.line("[delivery]\nconcurrency = 64");
             for account in 0..args.accounts {
-                writeln!(
-                    toml,
+                toml.line(format_args!(
                     "[accounts.{}]\nrate = {rate:?}",
-                    q(&account_id(account))
-                )?;
+                    quote(&account_id(account))
+                ));
             }
         }
-        std::fs::write(&self.config_path, toml)?;
-        Ok(())
+        self.process.write_config(&toml)
     }
 
     /// Spawns the daemon, samples its memory from then on, and waits until it answers a ping.
     pub async fn start(&mut self, label: &str, kind: Kind) -> anyhow::Result<Started> {
-        anyhow::ensure!(self.running.is_none(), "already running");
-        let log_offset = std::fs::metadata(&self.log_path).map_or(0, |m| m.len());
-        let spawned = Instant::now();
-        let mut child = spawn::serve(&self.config_path, &self.log_path, Some("info"))?;
-        let stop_sampling = CancellationToken::new();
+        let log_offset = std::fs::metadata(&self.process.log_path).map_or(0, |m| m.len());
+        let spawned = self.process.spawn()?;
+        let pid = self.pid()?;
+        let stop = CancellationToken::new();
         let samples = Arc::new(Mutex::new(Vec::new()));
-        tokio::spawn(sample_rss(
-            child.id(),
-            spawned,
-            samples.clone(),
-            stop_sampling.clone(),
-        ));
-        let ready = spawn::wait_ready(
-            &self.socket,
-            &mut child,
-            spawned,
-            START_TIMEOUT,
-            &self.log_path,
-        )
-        .await;
-        let ready_at = spawned.elapsed();
-        let pid = child.id().to_string();
-        let rss_now = proc::status_bytes(&pid, "VmRSS:") / 1024;
-        self.running = Some(Running {
-            child,
-            stop_sampling,
+        tokio::spawn(sample_rss(pid, spawned, samples.clone(), stop.clone()));
+        self.sampling = Some(Sampling {
+            stop,
             samples: samples.clone(),
         });
+        let ready = self.process.ready(spawned).await;
+        let ready_at = spawned.elapsed();
+        let rss_now = proc::status_bytes(&pid.to_string(), "VmRSS:") / 1024;
         ready?;
         let rss_max_to_ping_kib = samples
             .lock()
@@ -207,7 +172,7 @@ impl Daemon {
             .iter()
             .map(|&(_, kib)| kib)
             .fold(rss_now, u64::max);
-        let log = std::fs::read(&self.log_path).unwrap_or_default();
+        let log = std::fs::read(&self.process.log_path).unwrap_or_default();
         let new_lines = String::from_utf8_lossy(&log[(log_offset as usize).min(log.len())..]);
         let recovery_ms = new_lines
             .lines()
@@ -244,20 +209,18 @@ impl Daemon {
     }
 
     async fn stop(&mut self, signal: &'static str) -> anyhow::Result<Duration> {
-        let running = self.running.as_mut().context("not running")?;
-        let pid = running.child.id().to_string();
+        let pid = self.pid()?.to_string();
         let hwm_kib = proc::status_bytes(&pid, "VmHWM:") / 1024;
         let rss_at_stop_kib = proc::status_bytes(&pid, "VmRSS:") / 1024;
         let signalled = Instant::now();
         match signal {
-            "SIGTERM" => spawn::sigterm(&running.child)?,
-            _ => running.child.kill()?,
+            "SIGTERM" => self.process.terminate().await?,
+            _ => self.process.kill().await?,
         }
-        spawn::wait_exit(&mut running.child, START_TIMEOUT).await?;
         let took = signalled.elapsed();
-        let running = self.running.take().context("not running")?;
-        running.stop_sampling.cancel();
-        let samples = running.samples.lock().expect("samples lock");
+        let sampling = self.sampling.take().context("not sampling")?;
+        sampling.stop.cancel();
+        let samples = sampling.samples.lock().expect("samples lock");
         if let Some(life) = self.lives.last_mut() {
             life.rss_max_sampled_kib = samples.iter().map(|&(_, kib)| kib).fold(
                 life.start.rss_max_to_ping_kib.max(rss_at_stop_kib),
@@ -272,17 +235,15 @@ impl Daemon {
     }
 
     pub fn is_running(&self) -> bool {
-        self.running.is_some()
+        self.process.is_running()
     }
 
     pub fn pid(&self) -> anyhow::Result<u32> {
-        Ok(self.running.as_ref().context("not running")?.child.id())
+        self.process.pid().context("not running")
     }
 
     pub async fn stats(&self) -> anyhow::Result<Value> {
-        let stats = zoomq::client::request(&self.socket, &json!({"op": "stats"})).await?;
-        anyhow::ensure!(stats["ok"] == true, "stats answered {stats}");
-        Ok(stats)
+        self.process.stats().await
     }
 
     /// Waits for recovery (it runs in the background after the socket answers), then checks
@@ -299,7 +260,7 @@ impl Daemon {
             stats = self.stats().await?;
         }
         // The daemon logs "queue recovered ... elapsed_ms=" when its recovery ends.
-        let log = std::fs::read(&self.log_path).unwrap_or_default();
+        let log = std::fs::read(&self.process.log_path).unwrap_or_default();
         let recovery_ms = String::from_utf8_lossy(&log)
             .lines()
             .rev()
@@ -332,21 +293,21 @@ impl Daemon {
     }
 
     pub async fn disk(&self) -> Disk {
-        let usage = disk::usage(&self.data);
-        let sled = match &self.running {
-            Some(_) => sled_size(self.metrics_addr).await,
-            None => None,
+        let usage = disk::usage(&self.process.data);
+        let sled = if self.is_running() {
+            sled_size(self.metrics_addr).await
+        } else {
+            None
         };
         Disk { usage, sled }
     }
 }
 
 impl Drop for Daemon {
+    /// Stops the sampler; the process is killed when `process` is dropped, right after.
     fn drop(&mut self) {
-        if let Some(mut running) = self.running.take() {
-            running.stop_sampling.cancel();
-            let _ = running.child.kill();
-            let _ = running.child.wait();
+        if let Some(sampling) = self.sampling.take() {
+            sampling.stop.cancel();
         }
     }
 }

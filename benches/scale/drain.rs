@@ -223,7 +223,7 @@ async fn drain_queue(args: &Args, daemon: &Daemon) -> anyhow::Result<Drain> {
         let complete = left == 0;
         if delivered * 10 >= next_tenth * args.edits || complete {
             let rss = crate::proc::status_bytes(&pid, "VmRSS:") as f64 / 1e6;
-            let usage = disk::usage(&daemon.data);
+            let usage = disk::usage(&daemon.process.data);
             by_progress.push([
                 round2(delivered as f64 / args.edits as f64),
                 round2(elapsed.as_secs_f64()),

@@ -63,7 +63,7 @@ pub async fn fill_queue(args: &Args, daemon: &Daemon, round: u32) -> anyhow::Res
     check_shape(shape)?;
     let mut streams = Vec::new();
     for _ in 0..args.connections {
-        streams.push(UnixStream::connect(&daemon.socket).await?);
+        streams.push(UnixStream::connect(&daemon.process.socket).await?);
     }
     let acked = Arc::new(AtomicU64::new(0));
     let done = CancellationToken::new();

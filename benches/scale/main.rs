@@ -56,9 +56,12 @@
 mod disk;
 #[path = "../common/host.rs"]
 mod host;
+#[path = "../common/logs.rs"]
+mod logs;
 #[allow(dead_code)]
 #[path = "../common/proc.rs"]
 mod proc;
+#[allow(dead_code)]
 #[path = "../common/spawn.rs"]
 mod spawn;
 
@@ -133,13 +136,7 @@ fn main() -> anyhow::Result<()> {
     if args.index_probe {
         return probe::index_probe(&args);
     }
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    logs::init("warn");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
