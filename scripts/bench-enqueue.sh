@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmark 1 of BENCHMARKS.md ("Durable enqueue"): zoomq's durable intake (benches/enqueue.rs)
+# Benchmark 1 of BENCHMARKS.md ("Durable enqueue"): zoomq's durable intake (benches/enqueue/)
 # against Redis with `appendfsync always` on the same filesystem, then one line per target with
 # the measured value, its anchor from the same run and whether it is met:
 #
@@ -9,7 +9,7 @@
 #             directory after a 4 KiB append, and after a 4 KiB overwrite (p50s of the bench's
 #             disk probe just before that run)
 #
-# Each zoomq line also gives the daemon's CPU time per acknowledged edit (see benches/enqueue.rs).
+# Each zoomq line also gives the daemon's CPU time per acknowledged edit (see benches/enqueue/report.rs).
 #
 #   scripts/bench-enqueue.sh [--dir DIR] [bench flags such as --seconds 10 --window 4]
 #
