@@ -96,10 +96,8 @@ impl Cluster {
         m.queue_in_flight.set(stats.in_flight as i64);
         m.queue_dead.set(stats.dead as i64);
         m.refs_remembered.set(stats.refs as i64);
-        m.queue_oldest_pending_age.set(
-            self.local_oldest_age()
-                .map_or(0.0, |a| a.as_secs_f64()),
-        );
+        m.queue_oldest_pending_age
+            .set(self.local_oldest_age().map_or(0.0, |a| a.as_secs_f64()));
         m.cluster_partitions_owned
             .set(self.all_owned().len() as i64);
         m.cluster_daemons
