@@ -5,6 +5,7 @@ mod helpers;
 
 mod cluster;
 mod cluster_crash;
+mod cluster_handover;
 mod config_errors;
 mod crash;
 mod crash_lifecycle;
