@@ -191,12 +191,13 @@ async fn bad_credentials_hold_edits_and_say_so() {
 /// is pinned on a controlled clock in `limiter/tests/pacing.rs`. Here it goes through the real
 /// daemon, HTTP and the sandbox, which sees requests later than they were sent by however long
 /// this (debug, loaded, two-core) machine takes to run the request task: tens of milliseconds
-/// at times. The default margin leaves 5 ms per second for that, so this test gives the same
-/// rule a 50 ms margin and checks what arrives.
+/// at times, and more while the cluster tests' NATS servers and daemons run beside it. The
+/// default margin leaves 5 ms per second for that, so this test gives the same rule a margin of
+/// about 110 ms (20 requests at 18/s) and checks what arrives.
 #[tokio::test]
 async fn pacing_never_exceeds_the_plan_limit_in_any_second() {
     let zoom = sandbox(SandboxConfig::default()).await; // Pro: 20/s
-    let tweaks = Tweaks::default().set("delivery", "rate_margin", "0.95");
+    let tweaks = Tweaks::default().set("delivery", "rate_margin", "0.9");
     let daemon = TestDaemon::start(&zoom, tweaks).await;
     let mut client = daemon.client().await;
     for i in 0..70 {
@@ -205,8 +206,12 @@ async fn pacing_never_exceeds_the_plan_limit_in_any_second() {
     daemon.drained(Duration::from_secs(30)).await;
     let account = zoom.account("pro-acct").unwrap();
     assert_eq!(account.rate_limited, 0, "{account:?}");
-    assert!(account.max_in_sliding_window(Duration::from_secs(1)) <= 20);
-    assert!(account.max_in_fixed_window(Duration::from_secs(1)) <= 20);
+    let sliding = account.max_in_sliding_window(Duration::from_secs(1));
+    let fixed = account.max_in_fixed_window(Duration::from_secs(1));
+    assert!(
+        sliding <= 20 && fixed <= 20,
+        "sliding {sliding}, fixed {fixed}"
+    );
     assert_eq!(account.successes, 70);
 }
 
