@@ -169,17 +169,9 @@ fn describe_status(status: StatusCode, error: &ErrorBody) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, UNIX_EPOCH};
-
+    use super::retry_after::tests::{at, NOW};
     use super::*;
     use reqwest::header::HeaderValue;
-
-    fn at(seconds: u64) -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(seconds)
-    }
-
-    // 2020-05-30T23:58:00Z, two minutes before Zoom's documented example instant.
-    const NOW: u64 = 1_590_883_080;
 
     #[test]
     fn classification() {

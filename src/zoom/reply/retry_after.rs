@@ -55,15 +55,16 @@ fn after_nanos(now: SystemTime, nanos: i128) -> SystemTime {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn at(seconds: u64) -> SystemTime {
+    /// The instant `seconds` after the Unix epoch.
+    pub(in crate::zoom::reply) fn at(seconds: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(seconds)
     }
 
-    // 2020-05-30T23:58:00Z, two minutes before Zoom's documented example instant.
-    const NOW: u64 = 1_590_883_080;
+    /// 2020-05-30T23:58:00Z, two minutes before Zoom's documented example instant.
+    pub(in crate::zoom::reply) const NOW: u64 = 1_590_883_080;
 
     #[test]
     fn retry_after_seconds() {
